@@ -1,0 +1,5 @@
+import sys
+
+from q4lab.cli import main
+
+sys.exit(main())

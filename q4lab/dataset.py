@@ -1,0 +1,102 @@
+"""The dataset contract: one row per measurement, with its provenance (DESIGN.md, "Conventions").
+
+Everything downstream of a sweep (analysis, plots, notebooks, reports) reads frames with exactly these
+columns. `load` accepts one path, a glob, or a list of either, validates every file against `SCHEMA` and
+concatenates them, so datasets from several devices sit side by side in one frame.
+"""
+from __future__ import annotations
+
+import glob as _glob
+from pathlib import Path
+
+import polars as pl
+
+# Provenance: which device, software and code produced the row.
+PROVENANCE = {
+    "device": pl.Utf8,          # "NVIDIA H100 80GB HBM3", "cpu: <model>"
+    "vendor": pl.Utf8,          # "nvidia" | "amd" | "cpu"
+    "arch": pl.Utf8,            # "sm_90", "gfx1100", "x86_64"
+    "driver": pl.Utf8,          # driver version ("" on CPU)
+    "runtime": pl.Utf8,         # "cuda 13.0", "hip 6.2", "cpu"
+    "torch_version": pl.Utf8,
+    "q4lab_version": pl.Utf8,
+    "git_commit": pl.Utf8,      # "unknown" outside a checkout; "-dirty" suffix when uncommitted changes
+    "kernel_hash": pl.Utf8,     # hash of kernels/ sources the library was built from ("" when unused)
+    "timestamp": pl.Utf8,       # ISO 8601, UTC, when the row was measured
+    "run_id": pl.Utf8,          # one id per sweep invocation; rows of one run share device_gbps/launch_us
+    "timer": pl.Utf8,           # "cuda_events" | "wall_clock"
+}
+
+# What was measured.
+MEASUREMENT = {
+    "sweep": pl.Utf8,           # "grid" | "nsweep" | "repeat"
+    "impl": pl.Utf8,            # simt | gemv | dequant_blas | dense | bnb | reference
+    "dtype": pl.Utf8,           # activation dtype: "fp16" | "bf16" | "fp32"
+    "quant_type": pl.Utf8,      # "nf4" | "fp4"
+    "blocksize": pl.Int64,
+    "nested": pl.Boolean,
+    "shape": pl.Utf8,           # canonical shape name, or "n{N}_k{K}" for N-sweep points
+    "family": pl.Utf8,          # shape family ("gqa_kv", "mlp_up", ..., "nsweep")
+    "N": pl.Int64,
+    "K": pl.Int64,
+    "M": pl.Int64,
+    "time_us": pl.Float64,      # median of round medians, device time
+    "time_us_lo": pl.Float64,   # p20 of all samples
+    "time_us_hi": pl.Float64,   # p80 of all samples
+    "samples": pl.Int64,        # samples over all rounds
+    "rounds": pl.Int64,
+    "spread": pl.Float64,       # (max - min) / median of the round medians
+    "stable": pl.Boolean,       # spread within the run's tolerance after re-measurement
+    "host_us": pl.Float64,      # host-inclusive time per call, hot loop, wall clock
+    "cold": pl.Boolean,         # L2 flushed before every sample
+    "bytes": pl.Int64,          # fewest bytes the impl must move: weight (+state) + A + out (+bias)
+    "flops": pl.Int64,          # 2*M*N*K
+    "gbps": pl.Float64,         # bytes / time_us / 1e3
+    "device_gbps": pl.Float64,  # large-copy read bandwidth measured in the same run
+    "launch_us": pl.Float64,    # empty-launch latency measured in the same run
+}
+
+SCHEMA: dict[str, pl.DataType] = {**PROVENANCE, **MEASUREMENT}
+COLUMNS = tuple(SCHEMA)
+
+
+class DatasetError(ValueError):
+    """A dataset that does not follow SCHEMA (missing/ill-typed columns, unreadable file)."""
+
+
+def resolve(data) -> list[Path]:
+    """Expand a path, a glob, or a list of them into existing files; a pattern matching nothing is an error."""
+    items = [data] if isinstance(data, (str, Path)) else list(data)
+    paths: list[Path] = []
+    for item in items:
+        matches = sorted(_glob.glob(str(item))) if any(c in str(item) for c in "*?[") else [str(item)]
+        if not matches or not all(Path(m).is_file() for m in matches):
+            raise DatasetError(f"dataset {item!r}: no such file (give a parquet path, a glob, or a list of them)")
+        paths += [Path(m) for m in matches]
+    return paths
+
+
+def validate(df: pl.DataFrame, source: str = "frame") -> pl.DataFrame:
+    """Check columns and types against SCHEMA; return the frame with columns in SCHEMA order."""
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise DatasetError(f"{source}: missing columns {missing}; it was not written by q4lab's sweep "
+                           f"(re-run `q4lab sweep`, or convert it to the schema in q4lab/dataset.py)")
+    wrong = {c: str(df.schema[c]) for c, t in SCHEMA.items() if df.schema[c] != t and df[c].dtype != pl.Null}
+    if wrong:
+        raise DatasetError(f"{source}: columns of the wrong type {wrong}; expected "
+                           f"{ {c: str(SCHEMA[c]) for c in wrong} }")
+    return df.select(COLUMNS)
+
+
+def load(data) -> pl.DataFrame:
+    """Read and validate one or several parquet datasets into one frame (devices side by side)."""
+    frames = []
+    for path in resolve(data):
+        try:
+            df = pl.read_parquet(path)
+        except Exception as err:  # corrupt or not parquet
+            raise DatasetError(f"{path}: cannot be read as parquet ({err}); re-run the sweep or restore "
+                               f"the file from git") from err
+        frames.append(validate(df, str(path)))
+    return pl.concat(frames, how="vertical")
