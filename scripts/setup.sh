@@ -56,13 +56,13 @@ install_system_packages() {
 
 stamp_key() {
     # The interpreter is part of the key: another PYTHON means another torch choice.
-    { cat pyproject.toml scripts/setup.sh; command -v "$PYTHON"; } | sha256sum | cut -d' ' -f1
+    { cat pyproject.toml scripts/setup.sh; "$PYTHON" -c "import sys; print(sys.executable)"; } | sha256sum | cut -d' ' -f1
 }
 
 install_cpu_torch() {
     # PyPI's Linux torch is the CUDA build (GBs with its nvidia-* wheels); the +cpu build lives on PyTorch's
     # own index (and in the local wheel cache of these machines, which plain PyPI lookups also see).
-    local pip=("$VENV/bin/python" -m pip install)
+    local pip=("$VENV/bin/python" -m pip install --quiet)
     if [ "$(uname -s)" != Linux ]; then
         "${pip[@]}" "torch==$CPU_TORCH_VERSION"
     elif ! "${pip[@]}" "torch==$CPU_TORCH_VERSION+cpu"; then
@@ -76,13 +76,13 @@ set_up_torch() {
         return # already there: reused from PYTHON, installed by an earlier run, or put there by the user
     fi
     local torch_dir
-    if torch_dir=$("$PYTHON" -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))" 2>/dev/null); then
+    if torch_dir=$("$PYTHON" -W ignore -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))" 2>/dev/null); then
         # A .pth rather than `venv --system-site-packages`: it also works when PYTHON is itself a venv's or a
         # user-site python. Its directory comes after .venv's own site-packages, so .venv's packages win.
         local site
         site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
         echo "$torch_dir" >"$site/$REUSE_PTH"
-        say "reusing $("$PYTHON" -c "import torch; print('torch', torch.__version__)") from $torch_dir"
+        say "reusing $("$PYTHON" -W ignore -c "import torch; print('torch', torch.__version__)") from $torch_dir"
     else
         say "$PYTHON has no torch: installing the CPU build torch $CPU_TORCH_VERSION"
         install_cpu_torch
@@ -96,15 +96,15 @@ elif [ $# -gt 0 ]; then
     exit 2
 fi
 
+if ! command -v "$PYTHON" >/dev/null; then
+    echo "setup: error: '$PYTHON' not found; install Python >= 3.10 or pass one: make test PYTHON=/path/to/python3" >&2
+    exit 1
+fi
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$(stamp_key)" ]; then
     say ".venv is up to date"
     exit 0
 fi
 
-if ! command -v "$PYTHON" >/dev/null; then
-    echo "setup: error: '$PYTHON' not found; install Python >= 3.10 or pass one: make test PYTHON=/path/to/python3" >&2
-    exit 1
-fi
 if [ ! -x "$VENV/bin/python" ]; then
     say "creating $VENV from $(command -v "$PYTHON")"
     "$PYTHON" -m venv "$VENV" || {
@@ -113,7 +113,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     }
 fi
 set_up_torch
-"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" >"$TORCH_PIN"
+# -W ignore: a torch imported before numpy is installed warns about it on stderr.
+"$VENV/bin/python" -W ignore -c "import torch; print('torch==' + torch.__version__)" >"$TORCH_PIN"
 say "installing q4lab[all] with $(cat "$TORCH_PIN") pinned (minutes on a first run)"
 if ! "$VENV/bin/python" -m pip install --quiet --constraint "$TORCH_PIN" --editable ".[all]"; then
     echo "setup: error: pip failed (above). If it names a torch conflict: .venv's $(cat "$TORCH_PIN") is pinned" \
