@@ -7,11 +7,13 @@
 PYTHON ?= python3
 PORT ?= 8888
 PYTEST_ARGS ?=
+# exported so that scripts/setup.sh, and tests that run it again, set up from the same interpreter
+export PYTHON
 
 .PHONY: setup report test lab
 
 setup:
-	PYTHON="$(PYTHON)" scripts/setup.sh
+	scripts/setup.sh
 
 report: setup
 	@# Until issue 5's report module lands there is nothing to run; say so instead of a traceback.
@@ -19,7 +21,7 @@ report: setup
 	.venv/bin/q4lab report
 
 test:
-	PYTHON="$(PYTHON)" scripts/setup.sh --system
+	scripts/setup.sh --system
 	@# pytest exits 5 when it collected nothing: that is a failure too, and make fails on any non-zero status.
 	.venv/bin/python -m pytest $(PYTEST_ARGS) || { status=$$?; \
 		if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$status; }
