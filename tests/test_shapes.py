@@ -1,0 +1,68 @@
+"""The canonical shape set: its size, coverage of what the research asks about, and lookups."""
+import pytest
+
+from q4lab import shapes
+from q4lab.shapes import SHAPES
+
+
+def test_forty_unique_shapes_with_provenance():
+    assert len(SHAPES) == 40
+    assert len({s.name for s in SHAPES}) == 40
+    for s in SHAPES:
+        assert s.model and s.layer and s.source, s
+        assert s.N > 0 and s.K > 0
+    # one name prefix per model, so that names say which model a shape is from
+    prefixes = {}
+    for s in SHAPES:
+        prefixes.setdefault(s.model, set()).add(s.name.rsplit(".", 1)[0])
+    assert all(len(p) == 1 for p in prefixes.values()), prefixes
+
+
+def test_every_K_is_a_multiple_of_the_default_blocksize():
+    assert [s.name for s in SHAPES if s.K % 64] == []
+
+
+def test_required_families_and_shapes_are_present():
+    assert {"gqa_kv", "moe_up", "moe_down", "square", "mlp_up", "mlp_down", "lm_head"} <= set(shapes.FAMILIES)
+    NK = {(s.N, s.K) for s in SHAPES}
+    assert {(1536, 4096), (4096, 1536)} <= NK                   # Qwen3-235B-A22B expert up and down
+    assert {(2048, 2048), (4096, 4096), (8192, 8192)} <= NK     # the squares
+    assert {(14336, 4096), (4096, 14336)} <= NK                 # 8B-class MLP up/down
+    assert {(28672, 8192), (8192, 28672)} <= NK                 # 70B-class MLP up/down
+    assert (128256, 4096) in NK                                 # Llama-3 lm_head
+    assert all(s.N <= 2048 for s in shapes.by_family("gqa_kv"))
+    assert len({s.N for s in SHAPES if s.N % 3072 == 0}) >= 3
+    assert len({s.N for s in SHAPES if s.N & (s.N - 1) == 0}) >= 3
+
+
+def test_get_and_by_family():
+    s = shapes.get("llama-3-8b.kv_proj")
+    assert (s.N, s.K, s.family) == (1024, 4096, "gqa_kv")
+    assert s in shapes.by_family("gqa_kv")
+    assert all(x.family == "moe_up" for x in shapes.by_family("moe_up"))
+
+
+def test_unknown_names_list_close_matches():
+    with pytest.raises(ValueError, match="llama-3-8b.kv_proj"):
+        shapes.get("llama3-8b.kv")
+    with pytest.raises(ValueError, match="gqa_kv"):
+        shapes.by_family("gqa")
+
+
+def test_select_names_families_and_all_without_repeats():
+    assert shapes.select("all") == list(SHAPES)
+    picked = shapes.select("gqa_kv,llama-3-8b.kv_proj,square")
+    assert [s.family for s in picked].count("gqa_kv") == len(shapes.by_family("gqa_kv"))
+    assert len(picked) == len({s.name for s in picked})
+    assert shapes.select(["llama-3-8b.q_proj"]) == [shapes.get("llama-3-8b.q_proj")]
+    with pytest.raises(ValueError, match="no shapes"):
+        shapes.select(" , ")
+    with pytest.raises(ValueError, match="unknown shape"):
+        shapes.select("all,nonsense")
+
+
+def test_nsweep_shape():
+    s = shapes.nsweep_shape(4160, 4096)
+    assert (s.name, s.N, s.K, s.family) == ("n4160_k4096", 4160, 4096, "nsweep")
+    with pytest.raises(ValueError):
+        shapes.nsweep_shape(0, 4096)
