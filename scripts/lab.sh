@@ -15,5 +15,6 @@ if ! .venv/bin/python -c "import socket, sys; s = socket.socket(); s.setsockopt(
     echo "make lab: choose another port: make lab PORT=$((PORT + 1))" >&2
     exit 1
 fi
-exec .venv/bin/jupyter lab --ServerApp.root_dir=notebooks --ServerApp.ip="$IP" --ServerApp.port="$PORT" \
+# --allow-root: containers and CI machines often run as root, where Jupyter otherwise refuses to start.
+exec .venv/bin/jupyter lab --allow-root --ServerApp.root_dir=notebooks --ServerApp.ip="$IP" --ServerApp.port="$PORT" \
     --ServerApp.port_retries=0 "$@"
