@@ -16,13 +16,15 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="q4lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        getattr(module, f"add_{name}_arguments")(cmd)
-        cmd.set_defaults(run=getattr(module, f"{name}_command"))
+        if argv[:1] == [name]:  # import only the module of the command asked for: startup stays fast
+            module = importlib.import_module(module_name)
+            getattr(module, f"add_{name}_arguments")(cmd)
+            cmd.set_defaults(run=getattr(module, f"{name}_command"))
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)

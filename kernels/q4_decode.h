@@ -1,0 +1,73 @@
+// q4_decode.h: how a 4-bit weight becomes a number, shared by the fused GEMM and the dequantize kernel.
+//
+// Layout (bitsandbytes'): W[N, K] flattened row-major, two codes a byte, the even element in the HIGH
+// nibble; one absmax per `blocksize` consecutive elements. Nested: absmax is a uint8 index into the signed
+// 8-bit dynamic code, scaled per 256 absmax blocks by nested_absmax and shifted back by nested_offset.
+#pragma once
+#include "q4_port.h"
+
+struct Q4Weights {
+  const uint8_t* packed;        // N*K/2 bytes
+  const void* absmax;           // float[nblocks], or uint8[nblocks] when nested
+  const float* nested_absmax;   // float[ceil(nblocks/256)]   (nested only)
+  const float* nested_code;     // float[256]                  (nested only)
+  float nested_offset;          //                              (nested only)
+  const float* code;            // float[16]: the NF4 or FP4 table the weight was quantized with
+  int N, K;
+  int blocksize_log2;           // blocksize is a power of two: block index is a shift, not a division
+};
+
+// The 16-entry code table lives in shared memory: 16 floats sit in 16 distinct banks, so a warp's 32
+// random lookups are conflict-free (same entry = broadcast) and cost one LDS each, where constant memory
+// would serialize on divergent indices. The 256-entry nested code is only read once per 32 weights.
+template <bool NESTED>
+struct __align__(256) Q4Tables {  // 256-aligned: q4_decode8 ORs the code offset into the base address
+  float code[16];
+  float nested_code[NESTED ? 256 : 1];
+};
+
+template <bool NESTED>
+__device__ __forceinline__ void q4_load_tables(Q4Tables<NESTED>& t, const Q4Weights& w) {
+  for (int i = threadIdx.x; i < 16; i += blockDim.x) t.code[i] = w.code[i];
+  if constexpr (NESTED)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) t.nested_code[i] = w.nested_code[i];
+  __syncthreads();
+}
+
+// Absmax of quantization block b.
+template <bool NESTED>
+__device__ __forceinline__ float q4_absmax(const Q4Tables<NESTED>& t, const Q4Weights& w, long b) {
+  if constexpr (NESTED) {
+    uint8_t q = q4_load_cached(static_cast<const uint8_t*>(w.absmax) + b);
+    return t.nested_code[q] * q4_load_cached(w.nested_absmax + (b >> 8)) + w.nested_offset;
+  } else {
+    return q4_load_cached(static_cast<const float*>(w.absmax) + b);
+  }
+}
+
+// The 8 weights of a 32-bit word (byte j/2, even j in the high nibble), decoded through the table.
+// Two mask-and-shift ops turn all 8 codes into byte offsets (code*4) at once. On NVIDIA one byte permute
+// (PRMT) per weight then builds the whole shared-memory address: the offset byte from the codes and the
+// upper three bytes from the table's 256-byte-aligned base, so no add is needed before the LDS (1.25
+// integer ops a weight, down from a shift, a mask and an add). On AMD v_perm_b32 lifts the offset and
+// the base goes into ds_read's immediate offset field.
+__device__ __forceinline__ void q4_decode8(const float* code, uint32_t word, float v[8]) {
+  const uint32_t even4 = (word >> 2) & 0x3c3c3c3cu;  // high nibbles (elements 0,2,4,6) times 4
+  const uint32_t odd4 = (word << 2) & 0x3c3c3c3cu;   // low nibbles (elements 1,3,5,7) times 4
+#if defined(Q4_NVIDIA)
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(code));
+#pragma unroll
+  for (int b = 0; b < 4; ++b) {
+    const uint32_t ea = __byte_perm(even4, base, 0x7650 + b), oa = __byte_perm(odd4, base, 0x7650 + b);
+    asm("ld.shared.f32 %0, [%1];" : "=f"(v[2 * b]) : "r"(ea));
+    asm("ld.shared.f32 %0, [%1];" : "=f"(v[2 * b + 1]) : "r"(oa));
+  }
+#else
+  const char* base = reinterpret_cast<const char*>(code);
+#pragma unroll
+  for (int b = 0; b < 4; ++b) {
+    v[2 * b] = *reinterpret_cast<const float*>(base + __byte_perm(even4, 0, 0x4440 + b));
+    v[2 * b + 1] = *reinterpret_cast<const float*>(base + __byte_perm(odd4, 0, 0x4440 + b));
+  }
+#endif
+}

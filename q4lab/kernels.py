@@ -1,0 +1,265 @@
+"""Build, cache and load the kernel library (kernels/*.cu) through a plain C interface.
+
+Why a C library and not torch.utils.cpp_extension: the kernels include no torch headers, so the library
+builds with nvcc or hipcc alone (on a CPU-only machine too), can be carried to a GPU machine as one file,
+and CI builds the real thing. ctypes passes raw pointers, sizes and the current stream.
+
+Libraries are cached under `cache_root()` (env `Q4LAB_CACHE`, default `~/.cache/q4lab`) by kernel source
+hash + vendor + GPU targets + compiler version; `Q4LAB_LIB` names a library file to use as is.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+KERNEL_DIR = Path(os.environ.get("Q4LAB_KERNELS", Path(__file__).resolve().parent.parent / "kernels"))
+LIB_NAME = "libq4lab.so"
+# What `q4lab build` makes when there is no GPU to ask: the NVIDIA archs the project supports.
+DEFAULT_CUDA_TARGETS = ("sm_80", "sm_89", "sm_90")
+
+
+class KernelError(RuntimeError):
+    """No usable kernel library: no compiler, no GPU, a failed build, or a library for another GPU."""
+
+
+def sources() -> list[Path]:
+    files = sorted(KERNEL_DIR.glob("*.cu")) + sorted(KERNEL_DIR.glob("*.h"))
+    if not files:
+        raise KernelError(f"no kernel sources in {KERNEL_DIR}: run from a q4lab checkout "
+                          f"(pip install -e .) or set Q4LAB_KERNELS to its kernels/ folder")
+    return files
+
+
+def source_hash() -> str:
+    h = hashlib.sha256()
+    for f in sources():
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def torch_vendor() -> str:
+    """Which GPU stack this torch was built for: "cuda", "rocm", or "cpu"."""
+    if getattr(torch.version, "hip", None):
+        return "rocm"
+    return "cuda" if torch.version.cuda else "cpu"
+
+
+def gpu_arch(device: int | None = None) -> str | None:
+    """`sm_90` / `gfx1100` of the current GPU, or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
+    if torch_vendor() == "rocm":
+        return props.gcnArchName.split(":")[0]
+    return f"sm_{props.major}{props.minor}"
+
+
+def find_compiler(vendor: str) -> Path | None:
+    name, home = ("hipcc", os.environ.get("ROCM_PATH", "/opt/rocm")) if vendor == "rocm" else \
+                 ("nvcc", os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    found = shutil.which(name) or (Path(home) / "bin" / name if (Path(home) / "bin" / name).exists() else None)
+    return Path(found) if found else None
+
+
+@lru_cache(maxsize=None)
+def compiler_version(compiler: Path) -> str:
+    out = subprocess.run([str(compiler), "--version"], capture_output=True, text=True).stdout.strip()
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("Q4LAB_CACHE", Path.home() / ".cache" / "q4lab"))
+
+
+def library_path(vendor: str, targets: tuple[str, ...], compiler: Path) -> Path:
+    cc = hashlib.sha256(compiler_version(compiler).encode()).hexdigest()[:8]
+    return cache_root() / f"{vendor}-{'-'.join(targets)}-{source_hash()}-{cc}" / LIB_NAME
+
+
+def build_vendor() -> str:
+    """The vendor to build for: torch's when it is a GPU build, else whichever compiler is installed."""
+    vendor = torch_vendor()
+    if vendor != "cpu":
+        return vendor
+    if find_compiler("cuda"):
+        return "cuda"
+    return "rocm" if find_compiler("rocm") else "cuda"
+
+
+def compile_command(vendor: str, targets: tuple[str, ...], compiler: Path, out: Path) -> list[str]:
+    defines = [f'-DQ4_SOURCE_HASH="{source_hash()}"', f'-DQ4_TARGETS="{",".join(targets)}"']
+    cu = [str(f) for f in sources() if f.suffix == ".cu"]
+    if vendor == "rocm":
+        arch = [f"--offload-arch={t}" for t in targets]
+        return [str(compiler), "-O3", "-std=c++17", "-shared", "-fPIC", *arch, *defines, *cu, "-o", str(out)]
+    gencode = []
+    for t in targets:
+        if not t.startswith("sm_"):
+            raise KernelError(f"{t!r} is not an NVIDIA target: use sm_80, sm_89, sm_90, ...")
+        gencode += ["-gencode", f"arch=compute_{t[3:]},code={t}"]
+    return [str(compiler), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
+            "-Xptxas", "-v", *gencode, *defines, *cu, "-o", str(out)]
+
+
+def build(targets: tuple[str, ...] | None = None, vendor: str | None = None, force: bool = False,
+          verbose: bool = False) -> Path:
+    """Build the library for `targets` (default: this GPU, else every supported NVIDIA arch); return its path.
+
+    Cached: an existing library for the same sources, targets and compiler is reused unless `force`.
+    """
+    vendor = vendor or build_vendor()
+    if not targets:
+        arch = gpu_arch()
+        if arch:
+            targets = (arch,)
+        elif vendor == "cuda":
+            targets = DEFAULT_CUDA_TARGETS
+        else:
+            raise KernelError("no GPU to read the arch from: name the AMD targets, e.g. "
+                              "`q4lab build --arch gfx1100`")
+    targets = tuple(targets)
+    compiler = find_compiler(vendor)
+    if compiler is None:
+        tool = "hipcc (ROCm)" if vendor == "rocm" else "nvcc (the CUDA toolkit)"
+        raise KernelError(f"no {tool} found on PATH: install it, or set "
+                          f"{'ROCM_PATH' if vendor == 'rocm' else 'CUDA_HOME'}, or point Q4LAB_LIB at a "
+                          f"library built elsewhere with `q4lab build`")
+    out = library_path(vendor, targets, compiler)
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    cmd = compile_command(vendor, targets, compiler, tmp_path)
+    env = {**os.environ, "HIP_PLATFORM": "amd"} if vendor == "rocm" else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    (out.parent / "build.log").write_text(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        tmp_path.unlink(missing_ok=True)
+        raise KernelError(f"kernel build failed ({compiler.name} exit {proc.returncode}); the log is in "
+                          f"{out.parent / 'build.log'}:\n{proc.stderr[-3000:]}")
+    if verbose:
+        print(proc.stderr[-2000:])
+    tmp_path.replace(out)  # atomic: a concurrent loader never sees a half-written library
+    return out
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.q4_gemm.argtypes = [i, i, i, p, p, p, p, p, f, p, p, p, i, i, i, i, i, i, p]
+    lib.q4_gemm.restype = i
+    lib.q4_dequantize.argtypes = [i, i, p, p, p, p, f, p, p, i, i, i, p]
+    lib.q4_dequantize.restype = i
+    lib.q4_simt_rows_per_warp.argtypes = [i, i]
+    lib.q4_simt_m_tile.argtypes = [i]
+    for name in ("q4_source_hash", "q4_targets"):
+        getattr(lib, name).restype = ctypes.c_char_p
+    lib.q4_error_string.argtypes = [i]
+    lib.q4_error_string.restype = ctypes.c_char_p
+    return lib
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """Load a library file and read what it was built for; works without a GPU."""
+    try:
+        return _declare(ctypes.CDLL(str(path)))
+    except OSError as err:
+        raise KernelError(f"cannot load {path}: {err}; rebuild it with `q4lab build --force`") from err
+
+
+def library_targets(lib: ctypes.CDLL) -> tuple[str, ...]:
+    return tuple(lib.q4_targets().decode().split(","))
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    """The library for the current GPU: `Q4LAB_LIB`, else the cache, else built now (first use)."""
+    arch = gpu_arch()
+    if arch is None:
+        raise KernelError("no GPU visible to torch (torch.cuda.is_available() is False): the simt, gemv and "
+                          "dequant_blas kernels need an NVIDIA or AMD GPU; use impl='reference' or 'dense' "
+                          "on the CPU")
+    explicit = os.environ.get("Q4LAB_LIB")
+    path = Path(explicit) if explicit else build((arch,))
+    lib = open_library(path)
+    targets = library_targets(lib)
+    if arch not in targets:
+        raise KernelError(f"{path} was built for {','.join(targets)}, but this GPU is {arch}: run "
+                          f"`q4lab build --arch {arch}` (and unset Q4LAB_LIB if it points there)")
+    built_from = lib.q4_source_hash().decode()
+    if built_from != source_hash():
+        raise KernelError(f"{path} was built from kernel sources {built_from}, but kernels/ is now "
+                          f"{source_hash()}: run `q4lab build --force` (or point Q4LAB_LIB at a fresh build)")
+    return lib
+
+
+def check(err: int) -> None:
+    if err != 0:
+        msg = library().q4_error_string(err).decode()
+        raise KernelError(f"kernel launch failed: {msg} (error {err})")
+
+
+def info() -> dict[str, str]:
+    vendor = build_vendor()
+    compilers = {v: find_compiler(v) for v in ("cuda", "rocm")}
+    facts = {
+        "q4lab": __import__("q4lab").__version__,
+        "torch": torch.__version__,
+        "torch vendor": torch_vendor(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "gpu arch": gpu_arch() or "none",
+        "nvcc": f"{compilers['cuda']} ({compiler_version(compilers['cuda'])})" if compilers["cuda"] else "not found",
+        "hipcc": f"{compilers['rocm']} ({compiler_version(compilers['rocm'])})" if compilers["rocm"] else "not found",
+        "kernel sources": f"{KERNEL_DIR} (hash {source_hash()})",
+        "kernel cache": str(cache_root()),
+        "platform": f"{platform.system()} {platform.machine()}",
+    }
+    compiler = compilers[vendor]
+    arch = gpu_arch()
+    if os.environ.get("Q4LAB_LIB"):
+        facts["library"] = f"{os.environ['Q4LAB_LIB']} (from Q4LAB_LIB)"
+    elif compiler:
+        targets = (arch,) if arch else DEFAULT_CUDA_TARGETS
+        path = library_path(vendor, targets, compiler)
+        facts["library"] = f"{path} ({'built' if path.exists() else 'not built yet: q4lab build'})"
+    else:
+        facts["library"] = "cannot build here: no compiler"
+    return facts
+
+
+def add_info_arguments(parser) -> None:
+    pass
+
+
+def info_command(args) -> int:
+    for key, value in info().items():
+        print(f"{key:>15}: {value}")
+    return 0
+
+
+def add_build_arguments(parser) -> None:
+    parser.add_argument("--arch", default=None,
+                        help="comma-separated targets (sm_90,sm_80 or gfx1100); default: this GPU, "
+                             f"else {','.join(DEFAULT_CUDA_TARGETS)}")
+    parser.add_argument("--vendor", choices=("cuda", "rocm"), default=None, help="default: torch's, else the compiler found")
+    parser.add_argument("--force", action="store_true", help="rebuild even when a cached library exists")
+
+
+def build_command(args) -> int:
+    targets = tuple(t.strip() for t in args.arch.split(",")) if args.arch else None
+    path = build(targets, vendor=args.vendor, force=args.force)
+    lib = open_library(path)
+    print(f"built {path}\n  targets: {','.join(library_targets(lib))}\n  sources: {lib.q4_source_hash().decode()}"
+          f"\n  log: {path.parent / 'build.log'}")
+    return 0

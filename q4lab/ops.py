@@ -1,0 +1,217 @@
+"""`gemm_4bit(A, w, bias, impl)`: out[M, N] = A[M, K] @ dequant(W)[N, K]^T + bias, by one of several impls.
+
+| impl         | what runs                                                   | where        |
+|--------------|-------------------------------------------------------------|--------------|
+| simt         | fused dequantize+GEMM kernel (kernels/q4_gemm.cu)           | GPU          |
+| gemv         | the classic one-warp-per-output baseline, row by row        | GPU          |
+| dequant_blas | dequantize kernel to a dense weight, then torch.matmul      | GPU (CPU: torch dequantize) |
+| dense        | the unquantized weight through BLAS                         | GPU, CPU     |
+| bnb          | bitsandbytes' matmul_4bit on the same packed weight         | where bitsandbytes runs |
+| reference    | float64 on the CPU                                          | CPU          |
+| auto         | simt up to AUTO_SIMT_MAX_M rows, dequant_blas above         | GPU          |
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from q4lab import formats, kernels
+from q4lab.formats import Q4Weight
+
+IMPLS = ("simt", "gemv", "dequant_blas", "dense", "bnb", "reference")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # kernels/q4_port.h Q4_F16..Q4_F32
+_KERNEL_IMPL = {"simt": 0, "gemv": 1}
+
+# impl="auto" uses simt for M <= this many rows, dequant_blas above. A conservative default until a
+# device's sweep fits its own (analysis.crossover_summary's dispatch threshold); override per call site.
+AUTO_SIMT_MAX_M = 16
+
+# Per-weight caches (dense copies, bitsandbytes' QuantState), keyed by the packed tensor's id and dropped
+# when that tensor is freed (tensors compare elementwise, so they cannot be dict keys themselves).
+_weight_cache: dict[int, dict] = {}
+
+
+def _cache_of(w: Q4Weight) -> dict:
+    key = id(w.packed)
+    if key not in _weight_cache:
+        _weight_cache[key] = {}
+        weakref.finalize(w.packed, _weight_cache.pop, key, None)
+    return _weight_cache[key]
+
+
+def dense_weight(w: Q4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight [N, K] in `dtype` on w's device, made once per weight and dtype."""
+    per_weight = _cache_of(w)
+    if dtype not in per_weight:
+        per_weight[dtype] = formats.dequantize(w).to(dtype)
+    return per_weight[dtype]
+
+
+def impl_bytes(impl: str, w: Q4Weight, M: int, dtype: torch.dtype, bias: bool = False) -> int:
+    """Fewest bytes the impl must move: its weight (4-bit + absmax state, or dense), A, out and bias."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    weight = w.N * w.K * elem if impl == "dense" else w.weight_bytes
+    return weight + M * w.K * elem + M * w.N * elem + (w.N * elem if bias else 0)
+
+
+def _bnb_unavailable_reason(device: torch.device) -> str | None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # ImportError, or a broken native library
+        return f"bitsandbytes is not importable ({type(err).__name__}: {err}); pip install bitsandbytes"
+    return None
+
+
+def _kernel_unavailable_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "needs a GPU (CUDA or ROCm torch); this device is " + device.type
+    try:
+        kernels.library()
+    except kernels.KernelError as err:
+        return str(err)
+    return None
+
+
+def available_impls(device: torch.device | str = "cpu") -> dict[str, str | None]:
+    """impl -> None when it runs on `device`, else why not."""
+    device = torch.device(device)
+    kernel_reason = _kernel_unavailable_reason(device)
+    return {
+        "simt": kernel_reason,
+        "gemv": kernel_reason,
+        "dequant_blas": kernel_reason if device.type == "cuda" else None,
+        "dense": None,
+        "bnb": _bnb_unavailable_reason(device),
+        "reference": None,
+    }
+
+
+def _check(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, impl: str) -> None:
+    if impl not in IMPLS and impl != "auto":
+        raise ValueError(f"unknown impl {impl!r}: choose one of {', '.join(IMPLS)} or 'auto'")
+    if A.dtype not in _DTYPE_CODE:
+        raise ValueError(f"activations are {A.dtype}: use float16, bfloat16 or float32 (A.to(torch.float16))")
+    if A.dim() < 1 or A.shape[-1] != w.K:
+        raise ValueError(f"A has shape {tuple(A.shape)} but the weight is [N={w.N}, K={w.K}]: A's last "
+                         f"dimension must be K={w.K}")
+    if bias is not None and (bias.shape != (w.N,) or bias.dtype != A.dtype):
+        raise ValueError(f"bias must be [{w.N}] in {A.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if impl != "reference" and A.device != w.device:
+        raise ValueError(f"A is on {A.device} but the weight is on {w.device}: move one with .to()")
+
+
+def _reference(A2: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    wc = w.to("cpu")
+    codes = torch.stack([wc.packed >> 4, wc.packed & 0xF], dim=1).reshape(-1).long()
+    W = (wc.code[codes].double().view(-1, w.blocksize) * formats.unpack_absmax(wc).double().view(-1, 1))
+    out = A2.cpu().double() @ W.view(w.N, w.K).T
+    if bias is not None:
+        out += bias.cpu().double()
+    return out.to(A2.dtype).to(A2.device)
+
+
+def _kernel(impl: str, A2: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, out: torch.Tensor,
+            rows_per_warp: int = 0, m_tile: int = 0) -> torch.Tensor:
+    lib = kernels.library()
+    A2 = A2.contiguous()
+    nested = w.nested
+    kernels.check(lib.q4_gemm(
+        _KERNEL_IMPL[impl], _DTYPE_CODE[A2.dtype], int(nested), A2.data_ptr(), w.packed.data_ptr(),
+        w.absmax.data_ptr(), w.nested_absmax.data_ptr() if nested else None,
+        w.nested_code.data_ptr() if nested else None, w.nested_offset if nested else 0.0, w.code.data_ptr(),
+        bias.contiguous().data_ptr() if bias is not None else None, out.data_ptr(),
+        A2.shape[0], w.N, w.K, w.blocksize, rows_per_warp, m_tile, torch.cuda.current_stream(A2.device).cuda_stream))
+    return out
+
+
+def simt_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *, rows_per_warp: int = 0,
+              m_tile: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The simt kernel with its launch configuration chosen by hand: `rows_per_warp` R in {1, 2, 4}
+    (weight rows a warp reuses each activation load for) and `m_tile` MT in {1, 2, 4, 8} (activation rows
+    a block reuses each decoded weight for); 0 keeps the heuristic gemm_4bit(impl="simt") uses."""
+    if rows_per_warp not in (0, 1, 2, 4) or m_tile not in (0, 1, 2, 4, 8):
+        raise ValueError(f"rows_per_warp must be 1, 2 or 4 and m_tile 1, 2, 4 or 8 (0 = automatic); got "
+                         f"{rows_per_warp}, {m_tile}")
+    _check(A, w, bias, "simt")
+    A2 = A.reshape(-1, w.K)
+    out = torch.empty(A2.shape[0], w.N, dtype=A.dtype, device=A.device) if out is None else out
+    return _kernel("simt", A2, w, bias, out, rows_per_warp, m_tile).reshape(*A.shape[:-1], w.N)
+
+
+def dequantize_gpu(w: Q4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] in `dtype`, decoded by the dequantize kernel (one pass, no cache)."""
+    lib = kernels.library()
+    out = torch.empty(w.N, w.K, dtype=dtype, device=w.device)
+    nested = w.nested
+    kernels.check(lib.q4_dequantize(
+        _DTYPE_CODE[dtype], int(nested), w.packed.data_ptr(), w.absmax.data_ptr(),
+        w.nested_absmax.data_ptr() if nested else None, w.nested_code.data_ptr() if nested else None,
+        w.nested_offset if nested else 0.0, w.code.data_ptr(), out.data_ptr(), w.N, w.K, w.blocksize,
+        torch.cuda.current_stream(w.device).cuda_stream))
+    return out
+
+
+def _bnb_state(w: Q4Weight):
+    cache = _cache_of(w)
+    if "bnb" not in cache:
+        from bitsandbytes.functional import QuantState
+        nested = None
+        if w.nested:
+            nested = QuantState(absmax=w.nested_absmax, code=w.nested_code, blocksize=formats.NESTED_BLOCKSIZE,
+                                dtype=torch.float32)
+        state = QuantState(absmax=w.absmax, shape=torch.Size(w.shape), code=w.code, blocksize=w.blocksize,
+                           quant_type=w.quant_type, dtype=w.dtype, state2=nested,
+                           offset=torch.tensor(w.nested_offset, device=w.device) if w.nested else None)
+        cache["bnb"] = (w.packed.view(-1, 1), state)
+    return cache["bnb"]
+
+
+def _bnb(A2: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    import bitsandbytes as bnb
+    packed, state = _bnb_state(w)
+    if state.dtype != A2.dtype:  # bitsandbytes dequantizes into the state's dtype; match the activations
+        state.dtype = A2.dtype
+    return bnb.matmul_4bit(A2, packed.t(), quant_state=state, bias=bias)
+
+
+def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, impl: str = "reference",
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """A[..., K] @ dequant(w)[N, K]^T (+ bias) -> [..., N] in A.dtype, computed by `impl` (see module doc).
+
+    `out`, when given, is a contiguous [M, N] tensor the result is written into (and returned)."""
+    _check(A, w, bias, impl)
+    lead = A.shape[:-1]
+    A2 = A.reshape(-1, w.K)
+    M = A2.shape[0]
+    if out is None:
+        out = torch.empty(M, w.N, dtype=A.dtype, device=A.device)
+    elif out.shape != (M, w.N) or out.dtype != A.dtype or out.device != A.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{M}, {w.N}] {A.dtype} tensor on {A.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if impl == "auto":
+        impl = "simt" if M <= AUTO_SIMT_MAX_M else "dequant_blas"
+    if impl in _KERNEL_IMPL or (impl == "dequant_blas" and A2.is_cuda):
+        reason = _kernel_unavailable_reason(A2.device)
+        if reason:
+            raise kernels.KernelError(f"impl {impl!r} is unavailable: {reason}")
+    if M == 0:
+        return out.reshape(*lead, w.N)
+    if impl == "reference":
+        out.copy_(_reference(A2, w, bias))
+    elif impl in _KERNEL_IMPL:
+        _kernel(impl, A2, w, bias, out)
+    elif impl in ("dequant_blas", "dense"):
+        if impl == "dense":
+            W = dense_weight(w, A2.dtype)
+        else:
+            W = dequantize_gpu(w, A2.dtype) if A2.is_cuda else formats.dequantize(w).to(A2.dtype)
+        # addmm/mm with out= is the same BLAS call F.linear makes, without a second output buffer
+        torch.addmm(bias, A2, W.t(), out=out) if bias is not None else torch.mm(A2, W.t(), out=out)
+    else:
+        reason = _bnb_unavailable_reason(A2.device)
+        if reason:
+            raise RuntimeError(f"impl 'bnb' is unavailable: {reason}")
+        out.copy_(_bnb(A2, w, bias))  # bitsandbytes allocates its own output
+    return out.reshape(*lead, w.N)
