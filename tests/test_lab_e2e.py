@@ -45,6 +45,7 @@ def page(chromium):
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
+    assert (NOTEBOOKS / PROBE).exists(), f"{NOTEBOOKS / PROBE} is missing (issue 5's workbench writes it)"
     # Q4LAB_E2E_PORT picks the port; by default a free one.
     port = int(os.environ.get("Q4LAB_E2E_PORT", "0")) or None
     with jupyter_lab(NOTEBOOKS, tmp_path_factory.mktemp("jupyter"), port=port) as server:
@@ -113,7 +114,6 @@ def test_kernel_that_fails_to_start_is_reported_with_its_log(tmp_path):
 @pytest.mark.browser
 def test_shape_probe_slider_redraws_the_plot(page, lab, tmp_path):
     probe_file = NOTEBOOKS / PROBE
-    assert probe_file.exists(), f"{probe_file} is missing (issue 5's workbench writes it)"
     probe_bytes_before = hashlib.sha256(probe_file.read_bytes()).hexdigest()
     requests = RequestLog(page)
     with screenshots_on_failure(page, tmp_path, "shape_probe") as steps:
