@@ -103,8 +103,8 @@ def _m_label(m: float) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Crossovers
 CROSSOVER_SCHEMA = {**{c: pl.Utf8 for c in ("device", "dtype", "quant_type")}, "blocksize": pl.Int64,
-                    "nested": pl.Boolean, "cold": pl.Boolean, "shape": pl.Utf8, "family": pl.Utf8,
-                    "N": pl.Int64, "K": pl.Int64, "crossover_m": pl.Float64, "censored": pl.Utf8,
+                    "nested": pl.Boolean, "cold": pl.Boolean, "impl_a": pl.Utf8, "impl_b": pl.Utf8,
+                    "shape": pl.Utf8, "family": pl.Utf8, "N": pl.Int64, "K": pl.Int64, "crossover_m": pl.Float64, "censored": pl.Utf8,
                     "crossover_label": pl.Utf8, "m_min_measured": pl.Int64, "m_max_measured": pl.Int64,
                     "n_crossings": pl.Int64, "stable": pl.Boolean}
 
@@ -145,7 +145,7 @@ def crossovers(df: pl.DataFrame, impl_a: str = "simt", impl_b: str = "dequant_bl
     for key, g in _groups(both.sort("M"), (*CONFIG, "shape", "family", "N", "K")):
         m = g["M"].to_numpy().astype(float)
         log_ratio = np.log(g["time_us"].to_numpy() / g["time_us_b"].to_numpy())
-        rows.append({**key, **_crossing(m, log_ratio), "m_min_measured": int(m[0]),
+        rows.append({**key, "impl_a": impl_a, "impl_b": impl_b, **_crossing(m, log_ratio), "m_min_measured": int(m[0]),
                      "m_max_measured": int(m[-1]),
                      "stable": bool(g["stable"].all() and g["stable_b"].all())})
     return pl.DataFrame(rows, schema=CROSSOVER_SCHEMA)

@@ -1,0 +1,175 @@
+"""What every workbench notebook does before its analysis: check its papermill parameters, and get its data
+(read a dataset, or measure live on this machine's GPU).
+
+A notebook's parameters cell annotates every parameter with its type, one a line, and nothing else:
+
+    data: Union[str, list] = "data/*.parquet"  # dataset(s): a parquet path, a glob, or a list of them
+    live: bool = False  # measure on this machine's GPU instead of reading data
+
+(papermill reads `name: type = default  # help` for `--help-notebook`; a help text must not contain "=").
+The next cell, which runs after the one papermill injects, calls `nbp.check(globals())`: a name papermill
+injected that the notebook does not declare, or a value of the wrong type, fails the run with a message
+naming it (papermill itself only warns about unknown names and never checks types).
+"""
+from __future__ import annotations
+
+import ast
+import glob
+import html
+import types
+import typing
+from pathlib import Path
+
+import polars as pl
+
+from q4lab import dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ParameterError(ValueError):
+    """A notebook parameter that the notebook does not take, or of the wrong type."""
+
+
+def _injected_names(namespace: dict) -> list[str]:
+    """Names assigned by papermill's injected-parameters cells (their source starts with "# Parameters"),
+    read back from IPython's input history; empty outside IPython or when nothing was injected."""
+    names = []
+    for source in namespace.get("In", ()):
+        if source.lstrip().startswith("# Parameters"):
+            names += [node.id for node in ast.walk(ast.parse(source))
+                      if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)]
+    return names
+
+
+def _matches(value, annotation) -> bool:
+    """isinstance for the annotations parameters use: classes, Union[...], list[...]; an int passes
+    for a float, a bool never for an int, a tuple for a list."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if list in (origin, annotation) or tuple in (origin, annotation):
+        element = args[0] if args else object
+        return isinstance(value, (list, tuple)) and all(_matches(v, element) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+def check(namespace: dict) -> dict:
+    """Fail on an injected parameter the notebook does not declare (annotate in its parameters cell), or
+    a declared parameter of the wrong type; return the parameters' values by name."""
+    declared = dict(namespace.get("__annotations__", {}))
+    if not declared:
+        raise ParameterError("no annotated parameters in this namespace: run the parameters cell first")
+    unknown = sorted(set(_injected_names(namespace)) - set(declared))
+    if unknown:
+        raise ParameterError(f"unknown parameter(s) {unknown}: this notebook takes {sorted(declared)} "
+                             f"(papermill --help-notebook NOTEBOOK explains each)")
+    for name, annotation in declared.items():
+        value = namespace.get(name)
+        if not _matches(value, annotation):
+            raise ParameterError(f"parameter {name!r} = {value!r} is a {type(value).__name__}; "
+                                 f"it must be {_type_name(annotation)}")
+    return {name: namespace[name] for name in declared}
+
+
+# ---------------------------------------------------------------------------------------------------------
+def resolve(data) -> list[Path]:
+    """`dataset.resolve`, with relative paths and globs also looked up from the repository root (a
+    notebook opened in JupyterLab runs in notebooks/), and a message saying what to do when nothing is
+    there."""
+    items = [data] if isinstance(data, (str, Path)) else list(data)
+    if not items:
+        raise dataset.DatasetError("data = []: name at least one dataset (a parquet path or glob)")
+    found = []
+    for item in items:
+        path = Path(item)
+        candidates = [path] if path.is_absolute() else [path, REPO / path]
+        match = next((str(c) for c in candidates if glob.glob(str(c))), None)
+        if match is None:
+            where = " or ".join(str(c.parent.resolve()) for c in candidates)
+            raise dataset.DatasetError(
+                f"no dataset matches {str(item)!r} (looked in {where}): measure one on a GPU with "
+                f"`q4lab sweep` (it writes data/*.parquet), or pass data=PATH (papermill -p data PATH)")
+        found.append(match)
+    return [p.resolve() for p in dataset.resolve(found)]
+
+
+def load(data) -> pl.DataFrame:
+    """Read and validate the datasets `data` names (see `resolve`) into one frame."""
+    return dataset.load(resolve(data))
+
+
+def gpu_missing_reason() -> str | None:
+    """Why this machine cannot measure live (None when it can)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "ROCm" if torch.version.hip else "CUDA" if torch.version.cuda else "CPU-only"
+        return f"this machine has no usable GPU (torch {torch.__version__}, {build} build)"
+    return None
+
+
+def load_or_measure(data, live: bool, sweep: str = "grid", **sweep_args) -> pl.DataFrame:
+    """With `live`, measure on this machine's GPU through `q4lab.sweep.run_grid` (sweep="grid") or
+    `run_nsweep` (sweep="nsweep") with `sweep_args`; without a GPU say so and read `data` instead."""
+    if sweep not in ("grid", "nsweep"):
+        raise ValueError(f"sweep={sweep!r}: use 'grid' or 'nsweep'")
+    if live:
+        reason = gpu_missing_reason()
+        if reason is None:
+            from q4lab import sweep as sweeps
+
+            print(f"live=True: measuring on this machine's GPU ({sweep}: {sweep_args})")
+            return (sweeps.run_grid if sweep == "grid" else sweeps.run_nsweep)(**sweep_args)
+        print(f"live=True, but {reason}: showing the dataset {data!r} instead")
+    return load(data)
+
+
+def select(frame: pl.DataFrame, **equal) -> pl.DataFrame:
+    """Rows whose columns equal the given values (a list or tuple value: any of them); an empty result
+    names what the data holds instead."""
+    conditions = [pl.col(c).is_in(list(v)) if isinstance(v, (list, tuple)) else pl.col(c) == v
+                  for c, v in equal.items()]
+    picked = frame.filter(*conditions) if conditions else frame
+    if picked.is_empty():
+        held = {c: sorted(frame[c].unique().to_list()) for c in equal}
+        raise ValueError(f"no rows with {equal}; the data holds {held}: pick from those")
+    return picked
+
+
+def use_report_display() -> None:
+    """Figures through `plots.OfflineRenderer` (they survive HTML export, offline) and tables that show
+    whole device and shape names."""
+    from q4lab import plots
+
+    plots.use_offline_renderer()
+    pl.Config.set_fmt_str_lengths(80)
+    pl.Config.set_tbl_rows(40)
+    pl.Config.set_tbl_cols(-1)
+    pl.Config.set_float_precision(4)
+    pl.Config.set_tbl_hide_column_data_types(True)
+    pl.Config.set_tbl_hide_dataframe_shape(True)
+
+
+def show_findings(lines: list[str]) -> None:
+    """Headline sentences (`q4lab.report.headline_*`) as a list that wraps in the notebook and the report."""
+    from IPython.display import HTML, display
+
+    display(HTML("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"))
+
+
+def describe(frame: pl.DataFrame) -> pl.DataFrame:
+    """Where the rows come from: one line per device run with its provenance and size."""
+    return (frame.group_by("device", "arch", "runtime", "torch_version", "git_commit", "run_id")
+            .agg(pl.len().alias("rows"), pl.col("sweep").unique().sort().str.join(", ").alias("sweeps"),
+                 pl.col("impl").unique().sort().str.join(", ").alias("impls"),
+                 pl.col("timestamp").min().alias("first"), pl.col("timestamp").max().alias("last"))
+            .sort("device", "run_id"))

@@ -1,0 +1,262 @@
+"""`q4lab report`: run every notebook through papermill, export each to HTML without its code, and write
+`reports/index.html` with the headline findings and links to the reports.
+
+Reports render offline: figures come from `plots.OfflineRenderer` (plotly.js embedded once per report),
+and the HTML template drops the require.js, MathJax and mermaid scripts that nbconvert's "lab" template
+loads from a CDN. A notebook that fails is still exported (papermill keeps its outputs up to the error,
+which the report shows), the others still run, and the command exits non-zero at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import html
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import polars as pl
+
+from q4lab import analysis, dataset, plots
+from q4lab.notebook_params import REPO, describe, resolve
+
+NOTEBOOK_DIR = REPO / "notebooks"
+NOTEBOOKS = ("crossover", "camping_outliers", "n_resonance", "shape_probe")
+DEFAULT_DATA = "data/*.parquet"
+
+# nbconvert's "lab" page, minus every script it would fetch from the network
+OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block data_widget_view scoped -%}
+<div class="jp-OutputArea-output"><p><em>(an interactive widget: it works in JupyterLab with a running
+kernel; the exported report shows the snapshot below it)</em></p></div>
+{%- endblock data_widget_view -%}
+"""
+
+
+@dataclass
+class NotebookResult:
+    name: str
+    html: Path
+    seconds: float
+    error: str | None = None  # "cell N: ErrorName: message" when the run failed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Headline findings, as sentences (the index and the notebooks print the same ones)
+def _config(row: dict) -> str:
+    return f"{row['device']} · {row['dtype']} · {row['quant_type']}"
+
+
+def headline_crossovers(summary: pl.DataFrame) -> list[str]:
+    lines = []
+    for row in summary.iter_rows(named=True):
+        rule = (f"a dispatcher would use {row['impl_a']} for M ≤ {row['threshold_m']}" if row["threshold_m"]
+                else f"a dispatcher would never use {row['impl_a']}")
+        lines.append(f"{_config(row)}: {row['impl_a']} beats {row['impl_b']} up to M* = {row['median_label']} "
+                     f"(median over {row['n_shapes']} shapes, interquartile range {row['iqr_label']}); {rule} "
+                     f"({row['threshold_slowdown']:.3f}× the time of always picking the faster one)")
+    return lines
+
+
+def headline_camping(floors: pl.DataFrame) -> list[str]:
+    lines = []
+    for key, g in floors.group_by("device", "dtype", "quant_type", maintain_order=True):
+        camping, waves = g.filter(pl.col("label") == "camping"), g.filter(pl.col("label") == "wave_tail")
+        found = ", ".join(f"{r['shape']} ({r['floor_us']:.3g} µs flat to M={r['m_floor']}, "
+                          f"{r['excess_ratio']:.1f}× the model)" for r in camping.iter_rows(named=True))
+        line = f"{_config(dict(zip(('device', 'dtype', 'quant_type'), key)))}: {camping.height} camping outlier(s) " \
+               f"of {g.height} shapes{': ' + found if found else ''}"
+        if waves.height:
+            line += f"; {waves.height} wave tail(s), explained by the launch geometry: {', '.join(waves['shape'])}"
+        lines.append(line)
+    return lines
+
+
+def headline_resonance(families: pl.DataFrame) -> list[str]:
+    best = analysis.strongest_family(families)
+    lines = []
+    for key, g in families.group_by("device", "dtype", "quant_type", "K", "M", maintain_order=True):
+        where = f"{key[0]} · {key[1]} · {key[2]} (K={key[3]}, M={key[4]})"
+        top = best.filter(*(pl.col(c) == v for c, v in zip(("device", "dtype", "quant_type", "K", "M"), key)))
+        if top.is_empty():
+            lines.append(f"{where}: no resonance family (fewer than 2 flagged N share one)")
+            continue
+        r = top.row(0, named=True)
+        lines.append(f"{where}: strongest family {r['family']}: {r['n_flagged']} of its {r['n_in_family']} N "
+                     f"flagged, {r['flagged_share']:.0%} of all flagged N against a base rate of "
+                     f"{r['base_share']:.1%} (enrichment {r['enrichment']:.1f}×)")
+    return lines
+
+
+def headlines(frame: pl.DataFrame) -> dict[str, list[str]]:
+    """Each question's headline sentences; a question the data cannot answer says why instead."""
+    questions = {
+        "Crossovers (simt vs dequant_blas)": lambda: headline_crossovers(analysis.crossover_summary(frame)),
+        "Camping outliers": lambda: headline_camping(analysis.camping_floors(frame)),
+        "N-resonance": lambda: headline_resonance(analysis.resonance(frame)[1]),
+    }
+    found = {}
+    for title, answer in questions.items():
+        try:
+            found[title] = answer()
+        except ValueError as err:
+            found[title] = [f"not in this data: {err}"]
+    unstable = analysis.needs_remeasurement(frame).height
+    found["Needs re-measurement"] = [f"{unstable} unstable row(s), never flagged above" if unstable else "none"]
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def kernel_environment():
+    """Kernels get this interpreter (the venv's python3 kernelspec before any user-level one) and can
+    import q4lab from this checkout even when it is not installed."""
+    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "PYTHONPATH")}
+    prefixed = {"JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter"), "PYTHONPATH": str(REPO)}
+    for key, first in prefixed.items():
+        os.environ[key] = os.pathsep.join([first, *([saved[key]] if saved[key] else [])])
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _exporter():
+    from nbconvert import HTMLExporter
+
+    return HTMLExporter(extra_loaders=[jinja2.DictLoader({"q4lab_offline.html.j2": OFFLINE_TEMPLATE})],
+                        template_file="q4lab_offline.html.j2", exclude_input=True,
+                        exclude_input_prompt=True, exclude_output_prompt=True)
+
+
+def run_notebook(name: str, out_dir: Path, parameters: dict, kernel_name: str = "python3",
+                 timeout: int = 600) -> NotebookResult:
+    """Execute notebooks/{name}.ipynb into out_dir/notebooks/ and export it to out_dir/{name}.html (call it
+    inside `kernel_environment()`)."""
+    import nbformat
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    source = NOTEBOOK_DIR / f"{name}.ipynb"
+    if not source.is_file():
+        raise FileNotFoundError(f"no notebook {source}; notebooks: {sorted(p.stem for p in NOTEBOOK_DIR.glob('*.ipynb'))}")
+    executed = out_dir / "notebooks" / f"{name}.ipynb"
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    executed.unlink(missing_ok=True)
+    start, error = time.perf_counter(), None
+    try:
+        papermill.execute_notebook(str(source), str(executed), parameters=parameters, kernel_name=kernel_name,
+                                   cwd=str(REPO), progress_bar=False, execution_timeout=timeout)
+    except PapermillExecutionError as err:
+        first_line = next((line for line in err.source.splitlines() if line.strip()), "")
+        error = f"cell {err.cell_index} (In [{err.exec_count}]: {first_line.strip()[:80]}): {err.ename}: {err.evalue}"
+    except Exception as err:  # the kernel would not start, died or timed out: report it, keep going
+        error = f"{type(err).__name__}: {err}"
+    if executed.is_file():
+        notebook = nbformat.read(executed, as_version=4)
+        notebook.metadata.pop("widgets", None)  # widget state (megabytes of JS) that no offline page can use
+        body, _ = _exporter().from_notebook_node(notebook)
+    else:
+        body = f"<!DOCTYPE html><html><body><h1>{name}</h1><p>did not run: {html.escape(error or '')}</p></body></html>"
+    html_path = out_dir / f"{name}.html"
+    html_path.write_text(body, encoding="utf-8")
+    return NotebookResult(name, html_path, time.perf_counter() - start, error)
+
+
+def write_index(out_dir: Path, results: list[NotebookResult], frame: pl.DataFrame, data_files: list[Path]) -> Path:
+    """reports/index.html: headline findings, the data's provenance, and a link to every report."""
+    found = headlines(frame)
+    try:
+        figure = plots.crossover_summary_chart(analysis.crossover_summary(frame)).to_html(
+            full_html=False, include_plotlyjs=True, include_mathjax=False)
+    except ValueError as err:
+        figure = f"<p>No crossover chart: {html.escape(str(err))}</p>"
+    sections = "".join(f"<h2>{html.escape(title)}</h2><ul>{''.join(f'<li>{html.escape(s)}</li>' for s in lines)}</ul>"
+                       for title, lines in found.items())
+    links = "".join(
+        f'<li><a href="{r.html.name}">{r.name}</a> — '
+        + (f'<span class="failed">FAILED: {html.escape(r.error)}</span>' if r.error else f"ok ({r.seconds:.0f} s)")
+        + "</li>" for r in results)
+    synthetic = frame.filter(pl.col("timer") == "synthetic")["device"].unique().sort().to_list()
+    banner = (f'<p class="failed">Synthetic data ({html.escape(", ".join(synthetic))}): model numbers with planted '
+              f"effects from q4lab.synthetic, not measurements.</p>" if synthetic else "")
+    with pl.Config(fmt_str_lengths=80, tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True):
+        provenance = describe(frame)._repr_html_()
+    files = "".join(f"<li><code>{html.escape(str(p.relative_to(REPO) if p.is_relative_to(REPO) else p))}</code></li>"
+                    for p in data_files)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>q4lab reports</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}}
+.failed{{color:#b71c1c;font-weight:bold}} code{{background:#f3f3f3}} table{{font-size:85%}}</style></head>
+<body><h1>q4lab reports</h1>{banner}
+<p>Fused 4-bit dequantize+GEMM kernels at inference batch sizes: crossovers, latency floors, N-resonance.</p>
+<h2>Reports</h2><ul>{links}</ul>
+{sections}
+<h2>Median crossover per device and dtype</h2>{figure}
+<h2>Data</h2><ul>{files}</ul>{provenance}
+</body></html>"""
+    index = out_dir / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
+
+
+def build_reports(out_dir="reports", data=DEFAULT_DATA, notebooks=NOTEBOOKS, parameters: dict | None = None,
+                  kernel_name: str = "python3", timeout: int = 600, jobs: int = 4, log=print) -> list[NotebookResult]:
+    """Run `notebooks` (names in notebooks/) on `data` with per-notebook `parameters`
+    ({name: {param: value}}), `jobs` at a time, export each to out_dir/{name}.html, then write
+    out_dir/index.html. Most of a run is kernel start-up, so jobs beyond the core count still help."""
+    unknown = sorted(set(parameters or {}) - set(notebooks))
+    if unknown:
+        raise ValueError(f"parameters for notebooks {unknown} that are not being run; running {list(notebooks)}")
+    data_files = resolve(data)  # fail once, clearly, before any notebook starts when there is no data
+    frame = dataset.load(data_files)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"running {len(notebooks)} notebook(s) on {len(data_files)} dataset(s), {jobs} at a time", flush=True)
+
+    printing = threading.Lock()
+
+    def run(name: str) -> NotebookResult:
+        params = {"data": [str(p) for p in data_files], **(parameters or {}).get(name, {})}
+        result = run_notebook(name, out, params, kernel_name, timeout)
+        with printing:
+            log(f"  {name}: " + (f"FAILED at {result.error}" if result.error else f"ok in {result.seconds:.1f} s")
+                + f" -> {result.html}", flush=True)
+        return result
+
+    with kernel_environment(), ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(run, notebooks))
+    index = write_index(out, results, frame, data_files)
+    log(f"index: {index}", flush=True)
+    return results
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", nargs="+", default=[DEFAULT_DATA],
+                        help=f"dataset(s): parquet paths or globs (default {DEFAULT_DATA!r})")
+    parser.add_argument("--out", default="reports", help="output folder (default reports/)")
+    parser.add_argument("--only", nargs="+", choices=NOTEBOOKS, default=list(NOTEBOOKS), metavar="NOTEBOOK",
+                        help=f"run only these notebooks ({', '.join(NOTEBOOKS)})")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds a notebook cell may take (default 600)")
+    parser.add_argument("--jobs", type=int, default=4, help="notebooks run at a time (default 4)")
+
+
+def report_command(args: argparse.Namespace) -> int:
+    results = build_reports(args.out, args.data, tuple(args.only), timeout=args.timeout, jobs=args.jobs)
+    failed = [r for r in results if r.error]
+    for r in failed:
+        print(f"q4lab report: {r.name} failed at {r.error}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,104 @@
+"""Figures: devices side by side, units on axes, row numbers in hovers, planted effects visible."""
+import re
+
+import plotly.graph_objects as go
+import polars as pl
+import pytest
+
+from q4lab import analysis, plots
+from q4lab.synthetic import (DEVICES, PLANTED_FLOORS, PLANTED_UNSTABLE, PLANTED_WAVE_TAILS, SHAPES,
+                             synthetic_dataset)
+
+NAMES = sorted(spec["device"] for spec in DEVICES.values())
+
+
+@pytest.fixture(scope="module")
+def df():
+    return synthetic_dataset()
+
+
+def _titles(fig: go.Figure) -> list[str]:
+    return [a.text for a in fig.layout.annotations]
+
+
+def _axis_titles(fig: go.Figure) -> set[str]:
+    return {fig.layout[k].title.text for k in fig.layout if k.startswith(("xaxis", "yaxis")) and fig.layout[k].title.text}
+
+
+def test_shape_grid_puts_devices_side_by_side_and_marks_crossovers(df):
+    crossovers = analysis.crossovers(df)
+    fig = plots.shape_grid(df, dtype="fp16", shapes=["llama-3-8b.q_proj", "llama-3-8b.kv_proj"], crossovers=crossovers)
+    assert _titles(fig) == [f"{s} · {d}" for s in ("llama-3-8b.kv_proj", "llama-3-8b.q_proj") for d in NAMES]
+    marks = [t for t in fig.data if t.mode == "lines+text"]
+    assert sorted(t.text[1] for t in marks) == ["M* = 18", "M* = 24", "M* = 72", "M* = 96"]
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    assert {"batch size M", "time [µs]"} <= _axis_titles(fig)
+    simt = next(t for t in fig.data if t.name == "simt")
+    assert "time [µs]: %{customdata[7]:.4g}" in simt.hovertemplate and "N: %{customdata[4]}" in simt.hovertemplate
+    assert len(simt.customdata) == 8 and simt.customdata[0][6] == 1  # the row's own M
+
+
+def test_shape_grid_refuses_mixed_quant_types_and_empty_selections(df):
+    mixed = pl.concat([df, df.with_columns(pl.lit("fp4").alias("quant_type"))])
+    with pytest.raises(ValueError, match=r"mixes \{'quant_type': \['fp4', 'nf4'\]\}; select one first"):
+        plots.shape_grid(mixed)
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plots.shape_grid(df, dtype="fp32")
+
+
+def test_crossover_median_has_a_band_and_a_median_per_impl(df):
+    fig = plots.crossover_median(df, ref_impl="dequant_blas")
+    medians = [t for t in fig.data if t.mode == "lines+markers"]
+    bands = [t for t in fig.data if t.fill == "toself"]
+    assert len(medians) == len(bands) and {t.name for t in medians} == {"simt", "gemv", "dense", "bnb"}
+    assert "time / time(dequant_blas)" in _axis_titles(fig)
+    assert _titles(fig) == [f"{d} · {t}" for t in ("bf16", "fp16") for d in NAMES]
+
+
+def test_crossover_heatmap_labels_censored_cells(df):
+    fig = plots.crossover_heatmap(analysis.crossovers(df))
+    assert len(fig.data) == 2 and _titles(fig) == NAMES
+    texts = {t for trace in fig.data for row in trace.text for t in row}
+    assert {"> 128", "< 1", "24", "6.75"} <= texts  # right- and left-censored cells, planted M*
+
+
+def test_crossover_summary_chart_draws_censored_medians_open():
+    frame = synthetic_dataset(devices=("H100",), dtypes=("fp16",), nsweep=None, floors={}, unstable={},
+                              wave_tails={}, crossovers={("H100", name): 300 for name, *_ in SHAPES})
+    fig = plots.crossover_summary_chart(analysis.crossover_summary(frame))
+    (trace,) = fig.data
+    assert list(trace.marker.symbol) == ["circle-open"] and list(trace.y) == [128.0]
+
+
+def test_camping_scatter_labels_exactly_the_outliers(df):
+    floors = analysis.camping_floors(df)
+    fig = plots.camping_scatter(floors, "fp16")
+    labelled = {(trace.name, text) for trace in fig.data if trace.text is not None for text in trace.text}
+    expected = {("camping", shape) for key, shape in PLANTED_FLOORS if (key, shape) not in PLANTED_UNSTABLE}
+    expected |= {("wave_tail", s) for _, s in PLANTED_WAVE_TAILS}
+    assert labelled == expected
+    model = [t for t in fig.data if t.name == "bandwidth model"]
+    assert len(model) == 2 and all(t.mode == "lines" for t in model)
+    assert {"bytes moved at M=1", "time at M=1 [µs]"} <= _axis_titles(fig)
+    unstable = [t for t in fig.data if t.marker.symbol is not None and "circle-open" in t.marker.symbol]
+    assert unstable  # the unstable floor is drawn open
+
+
+def test_resonance_plot_colours_flagged_n_by_family(df):
+    per_n, _ = analysis.resonance(df)
+    fig = plots.resonance_plot(per_n)
+    flagged = {t.name: sorted(t.x) for t in fig.data if t.name.startswith("flagged")}
+    assert set(flagged) == {"flagged: mult_2048", "flagged: mult_3072"}
+    assert flagged["flagged: mult_2048"] == list(range(2048, 16385, 2048))
+    unstable = sorted(x for t in fig.data if t.name.startswith("unstable") for x in t.x)
+    assert unstable == [5120, 7168]
+    assert {"achieved bandwidth [GB/s]", "output features N"} <= _axis_titles(fig)
+    assert "residual vs trend" in next(t for t in fig.data if t.name == "flagged: mult_2048").hovertemplate
+
+
+def test_offline_renderer_emits_html_without_network_and_plotly_json(df):
+    fig = plots.shape_curves(df.filter(pl.col("shape") == "llama-3-8b.q_proj"), "one shape")
+    bundle = plots.OfflineRenderer().to_mimebundle(fig.to_dict())
+    assert set(bundle) == {"text/html", "application/vnd.plotly.v1+json"}
+    assert "Plotly.newPlot" in bundle["text/html"]
+    assert not re.search(r"<script[^>]+src=", bundle["text/html"])  # draws with the page's one plotly.js
