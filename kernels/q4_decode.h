@@ -34,15 +34,26 @@ __device__ __forceinline__ void q4_load_tables(Q4Tables<NESTED>& t, const Q4Weig
   __syncthreads();
 }
 
-// Absmax of quantization block b.
+// A block's scale is fetched (q4_scale_load) apart from being decoded (q4_scale_value), so a kernel can
+// issue the fetch together with its weight loads, a pipeline stage ahead, instead of paying a second
+// dependent DRAM round trip when it decodes.
+struct Q4Scale {
+  float absmax;   // the float32 absmax, or when nested the float32 nested_absmax of its group of 256
+  uint32_t code;  // nested only: the 8-bit code of the absmax
+};
+
 template <bool NESTED>
-__device__ __forceinline__ float q4_absmax(const Q4Tables<NESTED>& t, const Q4Weights& w, long b) {
-  if constexpr (NESTED) {
-    uint8_t q = q4_load_cached(static_cast<const uint8_t*>(w.absmax) + b);
-    return t.nested_code[q] * q4_load_cached(w.nested_absmax + (b >> 8)) + w.nested_offset;
-  } else {
-    return q4_load_cached(static_cast<const float*>(w.absmax) + b);
-  }
+__device__ __forceinline__ Q4Scale q4_scale_load(const Q4Weights& w, long b) {
+  if constexpr (NESTED)
+    return {q4_load_cached(w.nested_absmax + (b >> 8)), q4_load_cached(static_cast<const uint8_t*>(w.absmax) + b)};
+  else
+    return {q4_load_cached(static_cast<const float*>(w.absmax) + b), 0u};
+}
+
+template <bool NESTED>
+__device__ __forceinline__ float q4_scale_value(const Q4Tables<NESTED>& t, const Q4Weights& w, Q4Scale s) {
+  if constexpr (NESTED) return t.nested_code[s.code] * s.absmax + w.nested_offset;
+  else return s.absmax;
 }
 
 // The 8 weights of a 32-bit word (byte j/2, even j in the high nibble), decoded through the table.

@@ -10,7 +10,7 @@ __global__ void __launch_bounds__(256) q4_dequant_kernel(Q4Weights w, void* __re
   // Consecutive threads take consecutive 4-byte words: a warp reads 128 contiguous bytes and writes
   // 512 (fp16/bf16) as 16-byte stores, both fully coalesced.
   const uint32_t word = q4_load_cached(reinterpret_cast<const uint32_t*>(w.packed) + group);
-  const float scale = q4_absmax<NESTED>(tables, w, group * 8 >> w.blocksize_log2);
+  const float scale = q4_scale_value(tables, w, q4_scale_load<NESTED>(w, group * 8 >> w.blocksize_log2));
   float v[8];
   q4_decode8(tables.code, word, v);
   q4_store8<DT>(out, group * 8, v, scale);

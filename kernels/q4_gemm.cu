@@ -43,26 +43,37 @@ q4_gemm_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
 
-  // Two slices per lane in flight: all 2*R 16-byte weight loads are issued before the first is decoded,
-  // which puts 2*R*16 bytes per lane (4 KB per warp at R=4) in flight against DRAM latency.
+  // Software pipeline, two stages: while a lane decodes U slices of R rows, the 16-byte weight loads and
+  // absmax loads of its next U slices are already in flight (2*U*R*16 bytes a lane, 4 KB a warp at R=2,
+  // U=2). Without it every iteration exposed a full DRAM latency, and only more warps per SM hid it.
   constexpr int U = 2;
-  for (int s0 = lane; s0 < slices; s0 += U * Q4_WARP) {
-    uint4 wq[U][R];
+  constexpr int STEP = U * Q4_WARP;
+  uint4 wq[U][R];
+  Q4Scale sc[U][R];
+  auto fetch = [&](int s0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int s = min(s0 + u * Q4_WARP, slices - 1);
+      const int s = min(s0 + u * Q4_WARP, slices - 1);  // clamped: a valid address, the result unused
 #pragma unroll
-      for (int r = 0; r < R; ++r) wq[u][r] = q4_load_stream16(wrow[r] + s * 16);
+      for (int r = 0; r < R; ++r) {
+        wq[u][r] = q4_load_stream16(wrow[r] + s * 16);
+        sc[u][r] = q4_scale_load<NESTED>(w, ((long)min(n0 + r, w.N - 1) * K + s * 32) >> w.blocksize_log2);
+      }
     }
+  };
+  fetch(lane);
+  for (int s0 = lane; s0 < slices; s0 += STEP) {
+    uint4 cw[U][R];
+    Q4Scale cs[U][R];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r) cw[u][r] = wq[u][r], cs[u][r] = sc[u][r];
+    if (s0 + STEP < slices) fetch(s0 + STEP);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int s = s0 + u * Q4_WARP;
       if (s >= slices) break;
-      float scale[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        scale[r] = q4_absmax<NESTED>(tables, w, ((long)min(n0 + r, w.N - 1) * K + s * 32) >> w.blocksize_log2);
-      // The absmax multiplies the slice's dot product once instead of each of its 32 weights.
       float part[R][MT];
 #pragma unroll
       for (int r = 0; r < R; ++r)
@@ -73,7 +84,7 @@ q4_gemm_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__
         float wv[R][8];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          const uint32_t word = c == 0 ? wq[u][r].x : c == 1 ? wq[u][r].y : c == 2 ? wq[u][r].z : wq[u][r].w;
+          const uint32_t word = c == 0 ? cw[u][r].x : c == 1 ? cw[u][r].y : c == 2 ? cw[u][r].z : cw[u][r].w;
           q4_decode8(tables.code, word, wv[r]);
         }
 #pragma unroll
@@ -86,10 +97,13 @@ q4_gemm_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__
             for (int j = 0; j < 8; ++j) part[r][m] = fmaf(wv[r][j], a[j], part[r][m]);
         }
       }
+      // The absmax scales the slice's dot product once instead of each of its 32 weights.
 #pragma unroll
-      for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r) {
+        const float scale = q4_scale_value(tables, w, cs[u][r]);
 #pragma unroll
-        for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(part[r][m], scale[r], acc[r][m]);
+        for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(part[r][m], scale, acc[r][m]);
+      }
     }
   }
 
