@@ -47,7 +47,7 @@ install_system_packages() {
     if [ "$(id -u)" -ne 0 ]; then sudo=(sudo -n); fi
     say "installing system packages: ${missing[*]}"
     if "${sudo[@]}" apt-get update -q && \
-        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q "${missing[@]}"; then
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"; then
         say "installed ${missing[*]}"
     else
         loud_warning "apt-get could not install ${missing[*]} (not root, no network?); $why"
@@ -82,6 +82,12 @@ set_up_torch() {
         local site
         site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
         echo "$torch_dir" >"$site/$REUSE_PTH"
+        if ! "$VENV/bin/python" -W ignore -c "import torch" 2>/dev/null; then
+            rm "$site/$REUSE_PTH"
+            echo "setup: error: the torch in $torch_dir does not import in .venv (made from another Python?);" \
+                "start over: rm -rf .venv && make test PYTHON=$PYTHON" >&2
+            exit 1
+        fi
         say "reusing $("$PYTHON" -W ignore -c "import torch; print('torch', torch.__version__)") from $torch_dir"
     else
         say "$PYTHON has no torch: installing the CPU build torch $CPU_TORCH_VERSION"
