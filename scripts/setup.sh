@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up q4lab's virtual environment `.venv`, which `make report`, `make test` and `make lab` run in.
 #
-#   scripts/setup.sh            create/update .venv (a no-op when pyproject.toml and this script are unchanged)
+#   scripts/setup.sh            create/update .venv (a no-op while pyproject.toml, this script and PYTHON are unchanged)
 #   scripts/setup.sh --system   also apt-get install the Debian packages the tests use: hipcc, libamdhip64-dev
 #                               (the HIP build checks) and chromium (the browser tests)
 #
