@@ -1,0 +1,164 @@
+"""Every notebook runs through papermill on a synthetic dataset and shows what the data holds; bad
+parameters fail the run, naming the parameter."""
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nbformat
+import papermill
+import polars as pl
+import pytest
+from papermill.exceptions import PapermillExecutionError
+from plotly.offline import get_plotlyjs
+
+from q4lab import analysis, dataset, notebook_params as nbp, report
+from q4lab.synthetic import synthetic_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ("crossover", "camping_outliers", "n_resonance", "shape_probe")
+SMALL = {  # small parameters: the runs stay quick, and what they show is known
+    "crossover": {"dtypes": ["fp16"], "shapes": ["llama-3-8b.q_proj", "llama-3.2-1b.q_proj"]},
+    "camping_outliers": {"z_threshold": 3.5},
+    "n_resonance": {"n_start": 2048, "n_stop": 12288},
+    "shape_probe": {"N": 14336, "impls": ["simt", "dequant_blas"]},
+}
+BAD = {  # run name -> (notebook, parameters)
+    "unknown": ("camping_outliers", {"z_treshold": 5.0}),
+    "ill_typed": ("n_resonance", {"K": "4096"}),
+}
+PLOTLY_JS_HEAD = get_plotlyjs()[:200]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    frame = synthetic_dataset()
+    path = tmp_path_factory.mktemp("data") / "synthetic.parquet"
+    frame.write_parquet(path)
+    return frame, path
+
+
+@pytest.fixture(scope="module")
+def runs(synthetic, tmp_path_factory):
+    """All notebook runs at once (most of a run is kernel start-up): name -> executed notebook or error."""
+    _, path = synthetic
+    out = tmp_path_factory.mktemp("executed")
+    jobs = {name: (name, params) for name, params in SMALL.items()} | BAD
+
+    def run(job):
+        name, (notebook, params) = job
+        try:
+            papermill.execute_notebook(str(REPO / "notebooks" / f"{notebook}.ipynb"), str(out / f"{name}.ipynb"),
+                                       parameters={"data": str(path), **params}, kernel_name="python3",
+                                       cwd=str(REPO), progress_bar=False)
+        except PapermillExecutionError as err:
+            return name, err
+        return name, nbformat.read(out / f"{name}.ipynb", as_version=4)
+
+    with report.kernel_environment(), ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return dict(pool.map(run, jobs.items()))
+
+
+def _outputs(notebook, mime: str) -> list[str]:
+    """Every output of that mime type, as text (JSON outputs serialized)."""
+    data = [o["data"][mime] for cell in notebook.cells if cell.cell_type == "code"
+            for o in cell.outputs if mime in o.get("data", {})]
+    return [d if isinstance(d, str) else json.dumps(d, ensure_ascii=False) for d in data]
+
+
+def _ran(runs, name):
+    result = runs[name]
+    if isinstance(result, Exception):
+        pytest.fail(f"{name}.ipynb failed: {result}")
+    return result
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_and_embeds_plotly_once(runs, name):
+    notebook = _ran(runs, name)
+    html = "".join(_outputs(notebook, "text/html"))
+    assert html.count(PLOTLY_JS_HEAD) == 1  # plotly.js inline, once: the report renders offline
+    assert html.count("Plotly.newPlot") >= 1
+    assert len(_outputs(notebook, "application/vnd.plotly.v1+json")) == html.count("Plotly.newPlot")
+    assert not re.search(r"<script[^>]*src=[\"']https?:", html)
+
+
+def test_crossover_shows_the_planted_crossovers_and_the_median(runs, synthetic):
+    frame, _ = synthetic
+    notebook = _ran(runs, "crossover")
+    figures, html = "".join(_outputs(notebook, "application/vnd.plotly.v1+json")), "".join(_outputs(notebook, "text/html"))
+    assert '"> 128"' in figures and '"< 1"' in figures and '"M* = 24"' in figures  # heatmap cells, grid marker
+    for row in analysis.crossover_summary(frame.filter(pl.col("dtype") == "fp16")).iter_rows(named=True):
+        assert f"beats dequant_blas up to M* = {row['median_label']} (median over 18 shapes" in html
+
+
+def test_camping_outliers_names_the_floors_and_the_wave_tail(runs):
+    html = "".join(_outputs(_ran(runs, "camping_outliers"), "text/html"))
+    assert "1 camping outlier(s) of 18 shapes: llama-3.2-1b.q_proj (27 µs flat to M=8, 3.0× the model)" in html
+    assert "1 wave tail(s), explained by the launch geometry: phi-3-mini.qkv_proj" in html
+
+
+def test_n_resonance_finds_the_planted_families_in_the_chosen_range(runs):
+    notebook = _ran(runs, "n_resonance")
+    html = "".join(_outputs(notebook, "text/html"))
+    # N from 2048 to 12288 holds 6 multiples of 2048 (gfx1201's planted family) and 4 of 3072 (the H100's)
+    assert "strongest family mult_2048: 6 of its 6 N flagged" in html
+    assert "strongest family mult_3072: 4 of its 4 N flagged" in html
+
+
+def test_shape_probe_shows_the_widget_and_a_static_snapshot(runs):
+    notebook = _ran(runs, "shape_probe")
+    assert _outputs(notebook, "application/vnd.jupyter.widget-view+json")
+    (snapshot,) = _outputs(notebook, "application/vnd.plotly.v1+json")
+    assert "llama-3-8b.up_proj (N=14336, K=4096): measured" in snapshot
+    assert "simt · " in snapshot and "gemv · " not in snapshot
+
+
+@pytest.mark.parametrize("run, name, kind", [("unknown", "z_treshold", "unknown parameter"),
+                                             ("ill_typed", "'K'", "must be int")])
+def test_a_bad_parameter_fails_the_run_naming_it(runs, run, name, kind):
+    err = runs[run]
+    assert isinstance(err, PapermillExecutionError), f"the {run} parameter did not fail the run"
+    assert err.ename == "ParameterError" and name in err.evalue and kind in err.evalue
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_parameters_are_typed_and_explained(name):
+    path = REPO / "notebooks" / f"{name}.ipynb"
+    params = papermill.inspect_notebook(str(path))
+    assert "data" in params and "live" in params
+    for param in params.values():
+        assert param["inferred_type_name"] != "None" and param["help"], f"{name}: {param['name']} lacks a type or help"
+    notebook = nbformat.read(path, as_version=4)
+    tagged = [i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and "nbp.check(globals())" in notebook.cells[tagged[0] + 1].source
+    code = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
+    assert not re.search(r"^\s*(def|class) |lambda", code, re.M)  # notebooks call the package, nothing more
+
+
+def test_the_default_data_with_no_dataset_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(nbp, "REPO", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(dataset.DatasetError, match=r"no dataset matches 'data/\*.parquet'.*`q4lab sweep`.*data=PATH"):
+        nbp.load("data/*.parquet")
+
+
+def test_relative_data_is_also_found_from_the_repository_root(synthetic, tmp_path, monkeypatch):
+    frame, path = synthetic
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.parquet").write_bytes(path.read_bytes())
+    monkeypatch.setattr(nbp, "REPO", tmp_path)
+    monkeypatch.chdir(tmp_path / "data")  # as a notebook opened in JupyterLab: cwd is a subfolder
+    assert nbp.load("data/*.parquet").height == frame.height
+
+
+def test_parameter_checks_in_process():
+    ok = {"__annotations__": {"data": str | list, "z": float, "n": int, "live": bool, "dtypes": list[str]},
+          "data": ["a.parquet"], "z": 3, "n": 2, "live": False, "dtypes": ("fp16",),
+          "In": ["", "# Parameters\nz = 3\n"]}
+    assert nbp.check(ok)["z"] == 3
+    for name, value in [("n", True), ("live", 1), ("dtypes", "fp16"), ("dtypes", [1]), ("data", 3), ("z", "3")]:
+        with pytest.raises(nbp.ParameterError, match=f"parameter '{name}'"):
+            nbp.check({**ok, name: value})
+    with pytest.raises(nbp.ParameterError, match=r"unknown parameter\(s\) \['bogus'\]"):
+        nbp.check({**ok, "In": ["", "# Parameters\nbogus = 1\n"]})

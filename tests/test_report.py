@@ -1,0 +1,140 @@
+"""`q4lab report`: every notebook to offline HTML, an index with the headline findings, a failing notebook
+reported without stopping the others; and a real browser renders the plots with no network."""
+import argparse
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import polars as pl
+import pytest
+from plotly.offline import get_plotlyjs
+
+from q4lab import analysis, cli, dataset, report
+from q4lab.synthetic import synthetic_dataset
+
+CHROMIUM = "/usr/bin/chromium"
+PARAMETERS = {"crossover": {"dtypes": ["fp16"], "shapes": ["llama-3-8b.q_proj"]},
+              "n_resonance": {"K": 1234}}  # no N-sweep at K=1234: this notebook fails, the others must not
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    frame = synthetic_dataset()
+    data = tmp_path_factory.mktemp("data") / "synthetic.parquet"
+    frame.write_parquet(data)
+    out = tmp_path_factory.mktemp("reports")
+    lines = []
+    results = report.build_reports(out, str(data), parameters=PARAMETERS, log=lambda line, **_: lines.append(line))
+    return frame, out, {r.name: r for r in results}, lines
+
+
+class _Sources(HTMLParser):
+    """src/href of every tag (script bodies, e.g. plotly.js with its attribution links, are not tags)."""
+
+    def __init__(self):
+        super().__init__()
+        self.urls = []
+
+    def handle_starttag(self, tag, attrs):
+        self.urls += [(tag, value) for name, value in attrs if name in ("src", "href") and value]
+
+
+def _network_references(page: str) -> list:
+    parser = _Sources()
+    parser.feed(page)
+    found = [(tag, url) for tag, url in parser.urls if re.match(r"(https?:)?//", url)]
+    return found + re.findall(r"@import\s+url\(\s*['\"]?https?:[^)]*\)", page)
+
+
+def test_every_notebook_has_a_report_and_the_failure_is_named(built):
+    _, out, results, lines = built
+    assert sorted(results) == sorted(report.NOTEBOOKS)
+    for name, result in results.items():
+        assert result.html == out / f"{name}.html" and result.html.is_file()
+        assert (result.error is None) == (name != "n_resonance"), (name, result.error)
+    error = results["n_resonance"].error
+    assert re.match(r"cell \d+ \(In \[\d+\]: frame = nbp.load_or_measure\(.*\): ValueError: no rows with .*'K': 1234", error)
+    assert any("n_resonance: FAILED at cell" in line for line in lines)
+    assert any(line.startswith("  crossover: ok in") for line in lines)
+    assert "Synthetic data" in (out / "index.html").read_text()
+
+
+def test_reports_have_their_plots_once_offline_and_no_code(built):
+    _, out, results, _ = built
+    plotly_js = get_plotlyjs()[:200]
+    for name in ("crossover", "camping_outliers", "shape_probe", "n_resonance"):
+        page = results[name].html.read_text()
+        assert _network_references(page) == [], name
+        if name != "n_resonance":  # (the failed one shows its traceback, code included)
+            assert "nbp.check(globals())" not in page and "load_or_measure(" not in page  # no input cells
+            assert page.count(plotly_js) == 1 and page.count("Plotly.newPlot") >= 1, name
+    assert "interactive widget" in results["shape_probe"].html.read_text()
+    failed = results["n_resonance"].html.read_text()
+    assert "no rows with" in failed  # the error is in the report, for the reader
+
+
+def test_index_links_the_reports_and_states_the_headlines(built):
+    frame, out, _, _ = built
+    index = (out / "index.html").read_text()
+    assert _network_references(index) == []
+    for name in report.NOTEBOOKS:
+        assert f'<a href="{name}.html">{name}</a>' in index
+    assert "FAILED: cell" in index and index.count("Plotly.newPlot") == 1
+    summary = analysis.crossover_summary(frame)
+    for row in summary.iter_rows(named=True):  # the median crossover per device and dtype
+        assert f"{row['device']} · {row['dtype']} · nf4: simt beats dequant_blas up to M* = {row['median_label']} " in index
+    assert index.count("1 camping outlier(s) of 18 shapes") == 4  # two devices x two dtypes
+    assert "strongest family mult_2048" in index and "strongest family mult_3072" in index
+    assert "18 unstable row(s)" in index
+
+
+def test_no_dataset_fails_before_any_notebook_with_what_to_do(tmp_path, capsys):
+    with pytest.raises(dataset.DatasetError, match=r"`q4lab sweep`.*data=PATH"):
+        report.build_reports(tmp_path / "r", str(tmp_path / "none" / "*.parquet"))
+    assert not (tmp_path / "r").exists()
+    assert cli.main(["report", "--data", str(tmp_path / "none.parquet"), "--out", str(tmp_path / "r")]) == 2
+    assert "q4lab report: error: no dataset matches" in capsys.readouterr().err
+
+
+def test_report_command_exits_nonzero_when_a_notebook_failed(monkeypatch, capsys):
+    failed = report.NotebookResult("n_resonance", Path("n_resonance.html"), 1.0, "cell 3 (In [3]: x): ValueError: boom")
+    ok = report.NotebookResult("crossover", Path("crossover.html"), 1.0)
+    monkeypatch.setattr(report, "build_reports", lambda *a, **k: [ok, failed])
+    args = argparse.Namespace(out="r", data=["d"], only=list(report.NOTEBOOKS), timeout=10, jobs=1)
+    assert report.report_command(args) == 1
+    assert "n_resonance failed at cell 3 (In [3]: x): ValueError: boom" in capsys.readouterr().err
+    monkeypatch.setattr(report, "build_reports", lambda *a, **k: [ok])
+    assert report.report_command(args) == 0
+
+
+def test_parameters_for_a_notebook_not_run_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"parameters for notebooks \['crossvoer'\]"):
+        report.build_reports(tmp_path, "x", notebooks=("crossover",), parameters={"crossvoer": {}})
+
+
+@pytest.mark.browser
+def test_a_real_browser_renders_the_index_and_a_report_offline(built):
+    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
+        pytest.skip(f"NO BROWSER CHECK: {CHROMIUM} is missing (apt-get install chromium; `make test` does)")
+    from playwright.sync_api import sync_playwright
+
+    _, out, _, _ = built
+    requests, errors = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            for name, plots in (("index", 1), ("crossover", 3)):
+                page.goto((out / f"{name}.html").as_uri())
+                page.wait_for_selector(".main-svg", timeout=30_000)
+                assert page.locator(".js-plotly-plot").count() == plots, name
+                assert page.locator(".main-svg .trace").count() > 0, name  # drawn, not just a frame
+        finally:
+            browser.close()
+    assert errors == []
+    assert [u for u in requests if not u.startswith(("file://", "data:", "about:"))] == []
