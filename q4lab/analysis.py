@@ -16,6 +16,7 @@ only when all of them were.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import polars as pl
@@ -104,9 +105,10 @@ def _m_label(m: float) -> str:
 # Crossovers
 CROSSOVER_SCHEMA = {**{c: pl.Utf8 for c in ("device", "dtype", "quant_type")}, "blocksize": pl.Int64,
                     "nested": pl.Boolean, "cold": pl.Boolean, "impl_a": pl.Utf8, "impl_b": pl.Utf8,
-                    "shape": pl.Utf8, "family": pl.Utf8, "N": pl.Int64, "K": pl.Int64, "crossover_m": pl.Float64, "censored": pl.Utf8,
-                    "crossover_label": pl.Utf8, "m_min_measured": pl.Int64, "m_max_measured": pl.Int64,
-                    "n_crossings": pl.Int64, "stable": pl.Boolean}
+                    "shape": pl.Utf8, "family": pl.Utf8, "N": pl.Int64, "K": pl.Int64,
+                    "crossover_m": pl.Float64, "censored": pl.Utf8, "crossover_label": pl.Utf8,
+                    "m_min_measured": pl.Int64, "m_max_measured": pl.Int64, "n_crossings": pl.Int64,
+                    "stable": pl.Boolean}
 
 
 def _crossing(m: np.ndarray, log_ratio: np.ndarray) -> dict:
@@ -244,7 +246,7 @@ FLOOR_SCHEMA = {**{c: CROSSOVER_SCHEMA[c] for c in CONFIG}, "arch": pl.Utf8, "sh
                 "z_wave": pl.Float64, "label": pl.Utf8, "stable": pl.Boolean}
 
 
-def _flat_run(m: np.ndarray, t: np.ndarray, tolerance: float) -> int:
+def _flat_run(t: np.ndarray, tolerance: float) -> int:
     """Number of leading points (from M=1) whose times all lie within `tolerance` of each other."""
     n = 1
     while n < len(t) and t[: n + 1].max() / t[: n + 1].min() <= 1 + tolerance:
@@ -280,16 +282,21 @@ def camping_floors(df: pl.DataFrame, impl: str = "simt", z_threshold: float = 3.
       False and they belong in `needs_remeasurement`.
     """
     points = _points(df, impl, ("grid", "repeat"))
-    no_m1 = points.group_by(list(CONFIG) + ["shape"]).agg((pl.col("M") == 1).any().alias("has_m1")).filter(~pl.col("has_m1"))
-    if no_m1.height:
-        raise ValueError(f"camping floors need M=1 for every shape; missing for {no_m1['shape'].to_list()[:5]} "
+    has_m1 = (pl.col("M") == 1).any().over([*CONFIG, "shape"])
+    if not points.filter(has_m1).height:
+        raise ValueError(f"camping floors need M=1 measurements of {impl!r}; there are none "
                          f"(measure M=1 too: q4lab sweep --ms 1,2,4,...)")
+    skipped = sorted(set(points.filter(~has_m1)["shape"]))
+    if skipped:
+        warnings.warn(f"camping floors: no M=1 row of {impl!r} for {skipped}; those shapes are left out "
+                      f"(re-measure them with M=1)", stacklevel=2)
+    points = points.filter(has_m1)
     rows = []
     for key, g in _groups(points, (*CONFIG, "shape", "family", "N", "K")):
         m, t = g["M"].to_numpy(), g["time_us"].to_numpy()
         first = g.row(0, named=True)
         model_us = first["launch_us"] + first["bytes"] / (first["device_gbps"] * 1e3)
-        n_flat = _flat_run(m, t, flat_tolerance)
+        n_flat = _flat_run(t, flat_tolerance)
         slowdown = wave_slowdown(key["N"], 1, first["arch"], sm_count, blocks_per_sm)
         wave_model_us = first["launch_us"] + (model_us - first["launch_us"]) * (slowdown or 1.0)
         floor_us = float(np.median(t[:n_flat]))
@@ -411,8 +418,9 @@ def resonance(df: pl.DataFrame, impl: str = "simt", drop: float = 0.10, window: 
                           "enrichment": flagged_share / (n_in / n_swept) if n_flagged else None,
                           "hit_rate": n_hit / n_in, "score": n_hit / n_in * flagged_share})
         table.sort(key=lambda r: (-r["score"], -r["n_flagged"], r["divisor"] or 0))
-        family_of = [next((r["family"] for r in table if r["n_flagged"] and members[r["family"]][i]), None)
-                     if flagged[i] else None for i in range(len(n))]
+        family_of = [None] * len(n)  # a flagged N's family: the best-scoring one that holds it
+        for i in np.flatnonzero(flagged):
+            family_of[i] = next((r["family"] for r in table if members[r["family"]][i]), None)
         per_n.append(pl.DataFrame({**{c: [v] * g.height for c, v in key.items()}, "N": n, "time_us": g["time_us"],
                                    "gbps": gbps, "trend_gbps": trend, "residual": residual, "stable": stable,
                                    "flagged": flagged, "pow2_factor": n & -n, "family": family_of},
@@ -425,7 +433,7 @@ def strongest_family(families: pl.DataFrame, min_flagged: int = 2) -> pl.DataFra
     """Per (config, K, M) of `resonance`'s families: the best-scoring family with at least `min_flagged`
     flagged N; groups with no such family are left out."""
     return (families.filter(pl.col("n_flagged") >= min_flagged)
-            .sort("score", "n_flagged", pl.col("divisor"), descending=[True, True, False])
+            .sort("score", "n_flagged", "divisor", descending=[True, True, False], nulls_last=True)
             .group_by([*CONFIG, "K", "M"], maintain_order=True).first())
 
 

@@ -174,6 +174,9 @@ def test_bad_input_names_the_problem_and_the_fix(df):
         analysis.crossovers(df, impl_b="marlin")
     with pytest.raises(ValueError, match=r"need M=1.*q4lab sweep --ms"):
         analysis.camping_floors(df.filter(pl.col("M") > 1))
+    with pytest.warns(UserWarning, match=r"no M=1 row of 'simt' for \['llama-3-8b.q_proj'\]; those shapes are left out"):
+        floors = analysis.camping_floors(df.filter((pl.col("M") > 1) | (pl.col("shape") != "llama-3-8b.q_proj")))
+    assert "llama-3-8b.q_proj" not in floors["shape"] and floors["shape"].n_unique() == len(SHAPES) - 1
     with pytest.raises(ValueError, match=r"no N-sweep of 'simt' at K=1234, M=1; \(K, M\) swept: \[\(4096, 1\)\]"):
         analysis.resonance(df, K=1234, M=1)
     with pytest.raises(ValueError, match=r"cannot plant on \('H100', 'llama-3-8b.kv_proj', fp16\)"):
