@@ -111,12 +111,15 @@ def jupyter_lab(root_dir: Path, work_dir: Path, port: int | None = None, startup
         path = work_dir / "jupyter_config_dir" / "lab" / "user-settings" / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings))
+    (work_dir / "checkpoints").mkdir(exist_ok=True)  # must exist, or Jupyter falls back to $TMPDIR
     token = secrets.token_hex(16)
     log_path = work_dir / "jupyter-lab.log"
     command = [
         str(JUPYTER), "lab", "--no-browser", "--allow-root",
         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root_dir}",
+        # opening a notebook writes a checkpoint beside it; keep those out of the repo
+        f"--FileCheckpoints.root_dir={work_dir / 'checkpoints'}",
         "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
     ]  # fmt: skip
     with open(log_path, "w") as log:
