@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import itertools
 import json
 import os
 import subprocess
@@ -265,10 +264,10 @@ def _log_identity(records: list[dict], path) -> dict | None:
 def _check_identity(logged: dict | None, identity: dict, path) -> None:
     if logged is None:
         return
-    diff = {k: f"{logged.get(k)!r} in the log, {identity[k]!r} now" for k in IDENTITY if logged.get(k) != identity[k]}
+    diff = [f"{k}: {logged.get(k)!r} in the log, {identity[k]!r} now" for k in IDENTITY if logged.get(k) != identity[k]]
     if diff:
-        raise SweepError(f"{path} was written on another device or version ({'; '.join(f'{k}: {v}' for k, v in diff.items())}); "
-                         f"its rows must not be mixed with this run's: write to a new log (--log other.jsonl)")
+        raise SweepError(f"{path} was written on another device or version ({'; '.join(diff)}); its rows must "
+                         f"not be mixed with this run's: write to a new log (--log other.jsonl)")
 
 
 @dataclass
@@ -433,11 +432,10 @@ def _measure_chunk(ctx: _Context, chunk: Chunk, todo: dict[Point, tuple[int, int
     calls = {p: functools.partial(ops.gemm_4bit, inputs[p.K, p.dtype][:p.M], weights[p.shape], impl=p.impl)
              for p in todo}
 
-    references = _References(chunk, plan, inputs, weights)
+    references = _References(plan, inputs, weights)
     for p in list(todo):
-        if not ctx.plogs[p].checked and not ctx.plogs[p].attempts:
-            if not _check(ctx, p, calls[p], references):
-                del todo[p]
+        if not ctx.plogs[p].checked and not ctx.plogs[p].attempts and not _check(ctx, p, calls[p], references):
+            ctx.bar.total -= len(todo.pop(p)[2])
 
     while todo:
         planned_max = max(planned for _, planned, _ in todo.values())
@@ -459,7 +457,7 @@ def _measure_chunk(ctx: _Context, chunk: Chunk, todo: dict[Point, tuple[int, int
 class _References:
     """Reference outputs of the checked rows, computed once per shape for every dtype together."""
 
-    def __init__(self, chunk: Chunk, plan: Plan, inputs: dict, weights: dict):
+    def __init__(self, plan: Plan, inputs: dict, weights: dict):
         self.plan, self.inputs, self.weights = plan, inputs, weights
         self.rows = sorted(set(range(min(CHECK_FIRST_ROWS, max(plan.ms)))) | {m - 1 for m in plan.ms})
         self.cache: dict[str, dict[str, torch.Tensor]] = {}
@@ -615,7 +613,7 @@ def _warn_unfinished(records: list[dict], path) -> None:
 # ------------------------------------------------------------------------------------------ several GPUs
 
 RUNNERS = {"run_grid": run_grid, "run_nsweep": run_nsweep}
-_WORKER = "import json, sys, q4lab.sweep as s; getattr(s, sys.argv[1])(**json.loads(sys.argv[2]))"
+_WORKER = "import json, sys, q4lab.sweep as s; s.RUNNERS[sys.argv[1]](**json.loads(sys.argv[2]))"
 
 
 def gpu_list(spec: str | None) -> list[int] | None:
@@ -674,22 +672,23 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--shapes", default="all",
                       help=f"comma-separated shape names, families ({', '.join(FAMILIES)}) or 'all' "
                            f"(default)")
-    grid.add_argument("--m", type=_int_list, default=list(GRID_MS), help="M values (default: %(default)s)")
-    grid.add_argument("--dtypes", default="fp16,bf16,fp32", help="of %s (default: %%(default)s)" % ", ".join(ops.DTYPES))
+    grid.add_argument("--m", type=_int_list, default=",".join(map(str, GRID_MS)), help="M values (default: %(default)s)")
+    grid.add_argument("--dtypes", default="fp16,bf16,fp32", help=f"of {', '.join(ops.DTYPES)} (default: %(default)s)")
     grid.add_argument("--impls", default=",".join(TIMED_IMPLS),
                       help=f"of {', '.join(ops.IMPLS)}, or 'all' for {', '.join(TIMED_IMPLS)} (the default)")
-    grid.add_argument("--quant-types", default="nf4", help="of %s (default: %%(default)s)" % ", ".join(formats.QUANT_TYPES))
+    grid.add_argument("--quant-types", default="nf4",
+                      help=f"of {', '.join(formats.QUANT_TYPES)} (default: %(default)s)")
     grid.add_argument("--repeat", action="store_true",
                       help="label the rows sweep='repeat': a re-measurement to show run-to-run spread")
 
     nsweep = sub.add_parser("nsweep", help="N from start to stop by step at fixed K",
                             description="Time an N sweep into a raw log, then compact it into a parquet dataset.")
     nsweep.add_argument("--k", type=int, required=True, help="K (in_features), a multiple of the blocksize")
-    nsweep.add_argument("--m", type=_int_list, default=[1, 8], help="M values (default: 1,8)")
+    nsweep.add_argument("--m", type=_int_list, default="1,8", help="M values (default: %(default)s)")
     nsweep.add_argument("--n-start", type=int, default=512)
     nsweep.add_argument("--n-stop", type=int, default=16384, help="last N, inclusive (default: %(default)s)")
     nsweep.add_argument("--n-step", type=int, default=64)
-    nsweep.add_argument("--dtypes", default="fp16", help="of %s (default: %%(default)s)" % ", ".join(ops.DTYPES))
+    nsweep.add_argument("--dtypes", default="fp16", help=f"of {', '.join(ops.DTYPES)} (default: %(default)s)")
     nsweep.add_argument("--impls", default="simt,dense,bnb",
                         help=f"of {', '.join(ops.IMPLS)}, or 'all' (default: %(default)s)")
     nsweep.add_argument("--quant-type", default="nf4", choices=formats.QUANT_TYPES)
@@ -701,7 +700,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
         cmd.add_argument("--tol", type=float, default=0.05,
                          help="between-round spread above which a point is measured again (default: %(default)s)")
         cmd.add_argument("--max-remeasure", type=int, default=2,
-                         help="re-measurements of an unsettled point before it is kept as unstable (default: %(default)s)")
+                         help="re-measurements of an unsettled point before it is kept unstable (default: %(default)s)")
         cmd.add_argument("--warm", action="store_true", help="do not flush the L2 before each sample")
         cmd.add_argument("--out", type=Path, required=True, help="parquet dataset to write or add to")
         cmd.add_argument("--log", type=Path,

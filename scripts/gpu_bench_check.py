@@ -53,6 +53,29 @@ def naive_single_us(fn, device, flush: torch.Tensor) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def copy_gbps(device) -> float:
+    src = torch.empty(1 << 28, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = bench.time_call(lambda: dst.copy_(src), device=device, cold=False, min_samples=5)
+    return 2 * src.nbytes / t.time_us / 1e3
+
+
+def compare_m1(device, read_gbps: float) -> None:
+    w = formats.quantize(torch.randn(8192, 8192, device=device), "nf4", 64)
+    A = torch.randn(1, 8192, device=device, dtype=torch.float16)
+    reasons = ops.available_impls(device)
+    for impl in ("simt", "dense"):
+        if reasons[impl]:
+            print(f"  {impl}: unavailable ({reasons[impl]})")
+            continue
+        call = lambda impl=impl: ops.gemm_4bit(A, w, impl=impl)  # noqa: E731
+        t = bench.time_call(call, device=device)
+        show(f"{impl} (time_call)", t)
+        achieved = ops.impl_bytes(impl, w, 1, torch.float16) / t.time_us / 1e3
+        print(f"  {impl + ' (naive loop, warm)':<28} {naive_us(call, device):9.2f} µs; time_call achieves "
+              f"{achieved:.0f} GB/s = {achieved / read_gbps:.0%} of the read bandwidth")
+
+
 def show(name: str, t: bench.Timing) -> None:
     print(f"  {name:<28} {t.time_us:9.2f} µs  (p20 {t.time_us_lo:.2f}, p80 {t.time_us_hi:.2f}, n={t.samples}, "
           f"host {t.host_us:.1f} µs/call, hold {t.hold_us:.0f} µs, rejected {t.rejected})")
@@ -87,29 +110,12 @@ def main() -> int:
 
     print("\n2. probes")
     read_gbps, launch = bench.device_gbps(device), bench.launch_us(device)
-    src = torch.empty(1 << 28, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    copy_t = bench.time_call(lambda: dst.copy_(src), device=device, cold=False, min_samples=5)
     print(f"  device_gbps (1 GiB read):          {read_gbps:8.1f} GB/s")
-    print(f"  copy 1 GiB (read + written bytes): {2 * src.nbytes / copy_t.time_us / 1e3:8.1f} GB/s")
+    print(f"  copy 1 GiB (read + written bytes): {copy_gbps(device):8.1f} GB/s")
     print(f"  launch_us:                         {launch:8.2f} µs")
-    del src, dst
 
     print("\n3. M=1 on 8192x8192, fp16, NF4 blocksize 64")
-    w = formats.quantize(torch.randn(8192, 8192, device=device), "nf4", 64)
-    A = torch.randn(1, 8192, device=device, dtype=torch.float16)
-    reasons = ops.available_impls(device)
-    for impl in ("simt", "dense"):
-        if reasons[impl]:
-            print(f"  {impl}: unavailable ({reasons[impl]})")
-            continue
-        call = lambda impl=impl: ops.gemm_4bit(A, w, impl=impl)  # noqa: E731
-        t = bench.time_call(call, device=device)
-        show(f"{impl} (time_call)", t)
-        bytes_moved = ops.impl_bytes(impl, w, 1, torch.float16)
-        print(f"  {impl + ' (naive loop, warm)':<28} {naive_us(call, device):9.2f} µs; time_call achieves "
-              f"{bytes_moved / t.time_us / 1e3:.0f} GB/s = {bytes_moved / t.time_us / 1e3 / read_gbps:.0%} of read")
-    del w, A
+    compare_m1(device, read_gbps)
 
     print("\n4. mini grid through run_grid")
     out = Path(os.environ.get("OUT", "gpu_bench_check"))

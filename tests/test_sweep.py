@@ -12,7 +12,6 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 from q4lab import bench, dataset, ops, sweep
@@ -69,7 +68,7 @@ def test_tiny_grid_end_to_end_into_parquet(tmp_path, quick_clock):
     log, out = tmp_path / "grid.jsonl", tmp_path / "grid.parquet"
     with pytest.warns(UserWarning, match="'simt' skipped"):
         frame = sweep.run_grid(TINY, [1, 5], ["fp32", "bf16"], CPU_IMPLS + ["simt"], log=log, rounds=2,
-                               progress=False)
+                               tol=1.0, progress=False)  # re-measuring: its own test
     dataset.validate(frame)
     assert frame.height == 2 * 2 * 2 * 3
     assert sorted(frame["impl"].unique()) == sorted(CPU_IMPLS)
@@ -151,7 +150,7 @@ def test_interrupted_sweep_resumes_with_nothing_lost_or_taken_twice(tmp_path, mo
 
     monkeypatch.setattr(bench, "time_call", interrupt_after_five)
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_grid(TINY, [1, 3], ["fp32"], CPU_IMPLS, log=log, rounds=2, progress=False)
+        sweep.run_grid(TINY, [1, 3], ["fp32"], CPU_IMPLS, log=log, rounds=2, tol=1.0, progress=False)
     before = rounds_of(log_records(log))
     assert len(before) == 5
     with open(log, "ab") as f:
@@ -159,7 +158,7 @@ def test_interrupted_sweep_resumes_with_nothing_lost_or_taken_twice(tmp_path, mo
 
     monkeypatch.setattr(bench, "time_call", real)
     with pytest.warns(UserWarning, match="unreadable"):
-        frame = sweep.run_grid(TINY, [1, 3], ["fp32"], CPU_IMPLS, log=log, rounds=2, progress=False)
+        frame = sweep.run_grid(TINY, [1, 3], ["fp32"], CPU_IMPLS, log=log, rounds=2, tol=1.0, progress=False)
     with pytest.warns(UserWarning, match="unreadable"):
         after = rounds_of(sweep.read_log(log))
     assert after[:5] == before                                   # nothing taken was lost ...
@@ -178,7 +177,7 @@ def slow(call, **kw):
 bench.time_call = slow
 shapes = [Shape(*s) for s in eval(sys.argv[2])]
 sweep.run_grid(shapes, [1, 3], ["fp32"], ["reference", "dense", "dequant_blas"], log=sys.argv[1], rounds=2,
-               progress=False)
+               tol=1.0, progress=False)
 """
 
 
@@ -201,7 +200,7 @@ def test_killed_sweep_resumes_with_nothing_lost_or_taken_twice(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        frame = sweep.run_grid(TINY, [1, 3], ["fp32"], CPU_IMPLS, log=log, rounds=2, progress=False)
+        frame = sweep.run_grid(TINY, [1, 3], ["fp32"], CPU_IMPLS, log=log, rounds=2, tol=1.0, progress=False)
         after = rounds_of(sweep.read_log(log))
     assert after[:len(before)] == before
     assert len(after) == len(set(after))
