@@ -94,10 +94,11 @@ def resolve(data) -> list[Path]:
         candidates = [path] if path.is_absolute() else [path, REPO / path]
         match = next((str(c) for c in candidates if glob.glob(str(c))), None)
         if match is None:
-            where = " or ".join(str(c.parent.resolve()) for c in candidates)
+            where = " and ".join(dict.fromkeys(str(c.parent.resolve()) for c in candidates))
             raise dataset.DatasetError(
                 f"no dataset matches {str(item)!r} (looked in {where}): measure one on a GPU with "
-                f"`q4lab sweep` (it writes data/*.parquet), or pass data=PATH (papermill -p data PATH)")
+                f"`q4lab sweep` (it writes data/*.parquet), or point at one: data=PATH in a notebook "
+                f"(papermill -p data PATH), --data PATH for `q4lab report`")
         found.append(match)
     return [p.resolve() for p in dataset.resolve(found)]
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("crossover", "camping_outliers", "n_resonance", "shape_probe")
 SMALL = {  # small parameters: the runs stay quick, and what they show is known
     "crossover": {"dtypes": ["fp16"], "shapes": ["llama-3-8b.q_proj", "llama-3.2-1b.q_proj"]},
-    "camping_outliers": {"z_threshold": 3.5},
+    "camping_outliers": {"z_threshold": 3.5, "live": True},  # no GPU here: it must say so and use the data
     "n_resonance": {"n_start": 2048, "n_stop": 12288},
     "shape_probe": {"N": 14336, "impls": ["simt", "dequant_blas"]},
 }
@@ -93,7 +93,10 @@ def test_crossover_shows_the_planted_crossovers_and_the_median(runs, synthetic):
 
 
 def test_camping_outliers_names_the_floors_and_the_wave_tail(runs):
-    html = "".join(_outputs(_ran(runs, "camping_outliers"), "text/html"))
+    notebook = _ran(runs, "camping_outliers")
+    printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert "live=True, but this machine has no usable GPU" in printed and "showing the dataset" in printed
+    html = "".join(_outputs(notebook, "text/html"))
     assert "1 camping outlier(s) of 18 shapes: llama-3.2-1b.q_proj (27 µs flat to M=8, 3.0× the model)" in html
     assert "1 wave tail(s), explained by the launch geometry: phi-3-mini.qkv_proj" in html
 
@@ -162,3 +165,13 @@ def test_parameter_checks_in_process():
             nbp.check({**ok, name: value})
     with pytest.raises(nbp.ParameterError, match=r"unknown parameter\(s\) \['bogus'\]"):
         nbp.check({**ok, "In": ["", "# Parameters\nbogus = 1\n"]})
+
+
+def test_live_on_a_gpu_measures_through_the_sweep(monkeypatch):
+    import q4lab.sweep
+
+    calls = []
+    monkeypatch.setattr(nbp, "gpu_missing_reason", lambda: None)
+    monkeypatch.setattr(q4lab.sweep, "run_nsweep", lambda **kw: calls.append(kw) or "measured")
+    args = {"K": 4096, "ms": [1], "n_start": 1024, "n_stop": 2048, "n_step": 64, "impls": ["simt"]}
+    assert nbp.load_or_measure("unused.parquet", True, "nsweep", **args) == "measured" and calls == [args]
