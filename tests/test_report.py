@@ -6,7 +6,6 @@ import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
-import polars as pl
 import pytest
 from plotly.offline import get_plotlyjs
 
