@@ -5,8 +5,8 @@ How a sweep measures:
   consecutive N (N sweep). Weights are random normal, quantized once per chunk; activations are random
   normal, one [max M, K] tensor per dtype of which each M takes its first rows.
 - Before a point (shape, M, dtype, impl, ...) is timed for the first time, its output is checked against
-  the float64 `reference` impl on a few rows; a mismatch, or an impl that raises, is logged as an error
-  and the point is not timed.
+  a float64 reference on a few rows (the first four and the last); a mismatch, or an impl that raises,
+  is logged as an error and the point is not timed.
 - A chunk is measured in `rounds` interleaved rounds; round r visits the chunk's points in an order
   rotated by r, so drift hits every impl alike. A point's time is the median of its round medians, its
   spread (max - min) / median of them. A point whose spread exceeds `tol` is measured again (a fresh set
@@ -455,7 +455,11 @@ def _measure_chunk(ctx: _Context, chunk: Chunk, todo: dict[Point, tuple[int, int
 
 
 class _References:
-    """Reference outputs of the checked rows, computed once per shape for every dtype together."""
+    """Reference outputs of the checked rows, once per shape for every dtype together: the reference
+    impl's arithmetic (float64 accumulation of the dequantized weight) but on the sweep's device, since
+    the `reference` impl itself runs on the CPU, where a 100M-element weight takes seconds to check and
+    an N sweep holds hundreds of them. The weight is decoded in float32 (code * absmax rounded once,
+    6e-8 relative), far inside every CHECK_TOLERANCE."""
 
     def __init__(self, plan: Plan, inputs: dict, weights: dict):
         self.plan, self.inputs, self.weights = plan, inputs, weights
@@ -468,9 +472,9 @@ class _References:
     def get(self, p: Point) -> torch.Tensor:
         if p.shape not in self.cache:
             dtypes = [d for d in self.plan.dtypes if (p.K, d) in self.inputs]
-            # fp32 holds every fp16/bf16 value exactly; the reference computes in float64
-            A = torch.cat([self.inputs[p.K, d][self.rows].float() for d in dtypes])
-            out = ops.gemm_4bit(A, self.weights[p.shape], impl="reference").double().cpu()
+            A = torch.cat([self.inputs[p.K, d][self.rows].double() for d in dtypes])
+            W = formats.dequantize(self.weights[p.shape]).double()
+            out = (A @ W.T).cpu()
             self.cache[p.shape] = dict(zip(dtypes, out.split(len(self.rows))))
         return self.cache[p.shape][p.dtype]
 

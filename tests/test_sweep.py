@@ -236,6 +236,17 @@ def test_a_wrong_or_failing_impl_is_an_error_row_and_not_timed(tmp_path, monkeyp
     assert len(rounds_of(log_records(log))) == 2
 
 
+@pytest.mark.parametrize("quant_type, nested", [("nf4", True), ("fp4", False)])
+def test_correct_impls_pass_the_check_for_every_format(tmp_path, fake_clock, quant_type, nested):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an error row would warn
+        frame = sweep.run_grid(TINY[:1], [1, 7], ["fp16", "bf16", "fp32"], CPU_IMPLS, quant_types=[quant_type],
+                               nested=nested, log=tmp_path / "l.jsonl", rounds=1, progress=False)
+    assert frame.height == 2 * 3 * 3 and (frame["nested"] == nested).all()
+    checks = [r for r in log_records(tmp_path / "l.jsonl") if r["kind"] == "check"]
+    assert len(checks) == frame.height and max(r["error"] for r in checks) < 1e-2
+
+
 # --- identities ----------------------------------------------------------------------------------------
 
 def rewrite_identity(src: Path, dst: Path, **changes) -> None:
@@ -366,6 +377,33 @@ def test_gpu_list_on_a_host_without_gpus(monkeypatch):
         sweep.gpu_list("1,7")
     assert sweep.part_logs(Path("runs/h100.jsonl"), [0, 3]) == [Path("runs/h100.gpu0.jsonl"),
                                                                 Path("runs/h100.gpu3.jsonl")]
+
+
+def test_run_on_gpus_starts_one_worker_per_gpu_on_its_own_part_and_log(monkeypatch, tmp_path):
+    started = []
+
+    class Worker:
+        def __init__(self, argv, env):
+            started.append((argv, env))
+            self.part = json.loads(argv[-1])["part"][0]
+
+        def wait(self):
+            return 1 if fail and self.part == 1 else 0
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", Worker)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    fail = False
+    logs = sweep.run_on_gpus("run_grid", {"shapes": "all", "ms": [1]}, [0, 2], tmp_path / "h100.jsonl")
+    assert logs == [tmp_path / "h100.gpu0.jsonl", tmp_path / "h100.gpu2.jsonl"]
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["4", "6"]   # physical ids behind 0 and 2
+    kwargs = [json.loads(argv[-1]) for argv, _ in started]
+    assert [k["part"] for k in kwargs] == [[0, 2], [1, 2]]
+    assert [k["log"] for k in kwargs] == [str(log) for log in logs]
+    assert all(k["device"] == "cuda:0" and k["shapes"] == "all" for k in kwargs)
+    assert all(argv[-2] == "run_grid" for argv, _ in started)
+    fail = True
+    with pytest.raises(RuntimeError, match=r"GPU\(s\) \[2\].*resume"):
+        sweep.run_on_gpus("run_grid", {"shapes": "all", "ms": [1]}, [0, 2], tmp_path / "h100.jsonl")
 
 
 # --- command line --------------------------------------------------------------------------------------
