@@ -326,14 +326,15 @@ def _now() -> str:
 
 
 def _git_commit() -> str:
-    """HEAD of the checkout q4lab runs from, "-dirty" when tracked files differ; "unknown" outside one."""
+    """HEAD of the checkout q4lab runs from, "-dirty" when tracked files differ. Outside a checkout (a
+    copy of the tree on a GPU machine) the environment's Q4LAB_GIT_COMMIT, else "unknown"."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("Q4LAB_GIT_COMMIT") or "unknown"
     return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 

@@ -247,6 +247,20 @@ def test_correct_impls_pass_the_check_for_every_format(tmp_path, fake_clock, qua
     assert len(checks) == frame.height and max(r["error"] for r in checks) < 1e-2
 
 
+def test_git_commit_of_a_copy_without_git_comes_from_the_environment(monkeypatch):
+    assert sweep._git_commit().split("-")[0] == subprocess.run(
+        ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, args[0])
+
+    monkeypatch.setattr(sweep.subprocess, "run", no_git)
+    monkeypatch.delenv("Q4LAB_GIT_COMMIT", raising=False)
+    assert sweep._git_commit() == "unknown"
+    monkeypatch.setenv("Q4LAB_GIT_COMMIT", "0123abc")
+    assert sweep._git_commit() == "0123abc"
+
+
 # --- identities ----------------------------------------------------------------------------------------
 
 def rewrite_identity(src: Path, dst: Path, **changes) -> None:
