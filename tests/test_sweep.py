@@ -248,8 +248,9 @@ def test_correct_impls_pass_the_check_for_every_format(tmp_path, fake_clock, qua
 
 
 def test_git_commit_of_a_copy_without_git_comes_from_the_environment(monkeypatch):
-    assert sweep._git_commit().split("-")[0] == subprocess.run(
-        ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # in a checkout
+        assert sweep._git_commit().split("-")[0] == head.stdout.strip()
 
     def no_git(*args, **kwargs):
         raise subprocess.CalledProcessError(128, args[0])
