@@ -8,7 +8,7 @@
 | dense        | the unquantized weight through BLAS                         | GPU, CPU     |
 | bnb          | bitsandbytes' matmul_4bit on the same packed weight         | where bitsandbytes runs |
 | reference    | float64 on the CPU                                          | CPU          |
-| auto         | simt up to AUTO_SIMT_MAX_M rows, dequant_blas above         | GPU          |
+| auto         | simt up to AUTO_SIMT_MAX_M rows, dequant_blas above         | GPU (CPU: dequant_blas) |
 """
 from __future__ import annotations
 
@@ -190,8 +190,8 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
     elif out.shape != (M, w.N) or out.dtype != A.dtype or out.device != A.device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous [{M}, {w.N}] {A.dtype} tensor on {A.device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
-    if impl == "auto":
-        impl = "simt" if M <= AUTO_SIMT_MAX_M else "dequant_blas"
+    if impl == "auto":  # the GPU dispatch; on a CPU only dequant_blas of the quantized impls runs
+        impl = "simt" if A2.is_cuda and M <= AUTO_SIMT_MAX_M else "dequant_blas"
     if impl in _KERNEL_IMPL or (impl == "dequant_blas" and A2.is_cuda):
         reason = _kernel_unavailable_reason(A2.device)
         if reason:

@@ -1,0 +1,145 @@
+"""The kernel library: nvcc builds it for the CI archs and q4lab loads it without a GPU; hipcc compiles every
+kernel for AMD targets and the fused kernel's gfx1100 reduction uses DPP; every failure says what to do."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import q4lab
+from q4lab import kernels
+
+CI_TARGETS = ("sm_80", "sm_89", "sm_90")
+HIP_OBJECT_TARGETS = ("gfx1030", "gfx90a", "gfx940")
+
+
+def need(tool: str):
+    if shutil.which(tool) is None:
+        pytest.skip(f"SKIPPED LOUDLY: {tool} is not installed (make test installs it with apt; see scripts/setup.sh)")
+
+
+@pytest.fixture(scope="module")
+def cuda_library(tmp_path_factory):
+    need("nvcc")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("Q4LAB_CACHE", str(tmp_path_factory.mktemp("kcache")))
+        return kernels.build(CI_TARGETS, vendor="cuda")
+
+
+def test_nvcc_builds_the_library_for_the_ci_archs_and_it_loads_without_a_gpu(cuda_library):
+    lib = kernels.open_library(cuda_library)
+    assert kernels.library_targets(lib) == CI_TARGETS
+    assert lib.q4_source_hash().decode() == kernels.source_hash()
+    assert lib.q4_warp_size() == 32
+    # the launch heuristics are plain host code in the library: callable without a GPU
+    assert lib.q4_simt_m_tile(1) == 1 and lib.q4_simt_m_tile(3) == 4 and lib.q4_simt_m_tile(2048) == 8
+    assert lib.q4_simt_rows_per_warp(28672, 132) == 4 and lib.q4_simt_rows_per_warp(1024, 132) == 1
+
+
+def test_a_second_build_reuses_the_cached_library(cuda_library, monkeypatch):
+    mtime = cuda_library.stat().st_mtime_ns
+    monkeypatch.setenv("Q4LAB_CACHE", str(cuda_library.parent.parent))
+    assert kernels.build(CI_TARGETS, vendor="cuda") == cuda_library
+    assert cuda_library.stat().st_mtime_ns == mtime
+
+
+def test_a_library_for_another_arch_is_refused_with_the_build_command(cuda_library, monkeypatch):
+    monkeypatch.setattr(kernels, "gpu_arch", lambda device=None: "sm_75")
+    monkeypatch.setenv("Q4LAB_LIB", str(cuda_library))
+    kernels.library.cache_clear()
+    with pytest.raises(kernels.KernelError, match=r"built for sm_80,sm_89,sm_90.*q4lab build --arch sm_75"):
+        kernels.library()
+    kernels.library.cache_clear()
+
+
+def test_a_library_from_other_sources_is_refused(cuda_library, monkeypatch):
+    monkeypatch.setattr(kernels, "gpu_arch", lambda device=None: "sm_90")
+    monkeypatch.setenv("Q4LAB_LIB", str(cuda_library))
+    monkeypatch.setattr(kernels, "source_hash", lambda: "0123456789abcdef")
+    kernels.library.cache_clear()
+    with pytest.raises(kernels.KernelError, match="q4lab build --force"):
+        kernels.library()
+    kernels.library.cache_clear()
+
+
+def test_no_gpu_gives_a_clear_error_and_the_cpu_impls_still_work():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    w = q4lab.quantize(torch.randn(8, 64), "nf4", 64)
+    A = torch.randn(2, 64)
+    with pytest.raises(kernels.KernelError, match="needs a GPU"):
+        q4lab.gemm_4bit(A, w, impl="simt")
+    kernels.library.cache_clear()
+    with pytest.raises(kernels.KernelError, match="no GPU visible"):
+        kernels.library()
+    assert q4lab.gemm_4bit(A, w, impl="dense").shape == (2, 8)
+
+
+def test_a_missing_compiler_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(kernels, "find_compiler", lambda vendor: None)
+    with pytest.raises(kernels.KernelError, match=r"no nvcc \(the CUDA toolkit\) found.*Q4LAB_LIB"):
+        kernels.build(("sm_90",), vendor="cuda")
+    with pytest.raises(kernels.KernelError, match="no hipcc"):
+        kernels.build(("gfx1100",), vendor="rocm")
+
+
+def test_a_compile_error_keeps_the_log(tmp_path, monkeypatch):
+    need("nvcc")
+    bad = tmp_path / "kernels"
+    bad.mkdir()
+    (bad / "broken.cu").write_text("this is not C++\n")
+    monkeypatch.setattr(kernels, "KERNEL_DIR", bad)
+    monkeypatch.setenv("Q4LAB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(kernels.KernelError, match="kernel build failed.*build.log"):
+        kernels.build(("sm_90",), vendor="cuda")
+    assert list((tmp_path / "cache").glob("*/build.log"))
+    assert not list((tmp_path / "cache").glob("*/*.so"))  # no half-written library left behind
+
+
+def test_cli_info_and_build(cuda_library):
+    env = {**os.environ, "Q4LAB_CACHE": str(cuda_library.parent.parent)}
+    info = subprocess.run([sys.executable, "-m", "q4lab", "info"], capture_output=True, text=True, env=env)
+    assert info.returncode == 0, info.stderr
+    assert "nvcc:" in info.stdout and kernels.source_hash() in info.stdout
+    built = subprocess.run([sys.executable, "-m", "q4lab", "build", "--arch", ",".join(CI_TARGETS)],
+                           capture_output=True, text=True, env=env)
+    assert built.returncode == 0, built.stderr
+    assert str(cuda_library) in built.stdout and "sm_80,sm_89,sm_90" in built.stdout
+
+
+def hipcc(args: list[str], out: Path) -> subprocess.Popen:
+    cmd = ["hipcc", "-O3", "-std=c++17", *args, "-o", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HIP_PLATFORM": "amd"})
+
+
+def test_hipcc_compiles_every_kernel_for_amd_targets(tmp_path):
+    need("hipcc")
+    jobs = {}
+    for target in HIP_OBJECT_TARGETS:
+        for src in sorted(kernels.KERNEL_DIR.glob("*.cu")):
+            out = tmp_path / f"{src.stem}.{target}.o"
+            jobs[(src.name, target)] = (out, hipcc(["-fPIC", f"--offload-arch={target}", "-c", str(src)], out))
+    failed = {k: p.communicate()[0][-2000:] for k, (out, p) in jobs.items() if p.wait() != 0}
+    assert not failed, failed
+    assert all(out.stat().st_size > 0 for out, _ in jobs.values())
+
+
+def test_gfx1100_fused_kernel_reduces_with_dpp(tmp_path):
+    need("hipcc")
+    asm = tmp_path / "q4_gemm.gfx1100.s"
+    proc = hipcc(["--offload-arch=gfx1100", "-nogpulib", "--cuda-device-only", "-S",
+                  str(kernels.KERNEL_DIR / "q4_gemm.cu")], asm)
+    assert proc.wait() == 0, proc.communicate()[0][-2000:]
+    text = asm.read_text()
+    assert ".amdgcn_target \"amdgcn-amd-amdhsa--gfx1100" in text
+    # the body of one fused-kernel instance, up to its end marker
+    start = text.index("_Z14q4_gemm_kernelILi0ELi4ELi1ELb0EEvPKv9Q4WeightsS1_Pvi:")
+    body = text[start:text.index(".Lfunc_end", start)]
+    for shift in (8, 4, 2, 1):
+        assert f"row_ror:{shift}" in body, f"no DPP row_ror:{shift} in the gfx1100 reduction"
