@@ -26,28 +26,35 @@ CONFIG = ("device", "dtype", "quant_type", "blocksize", "nested", "cold")
 POINT = (*CONFIG, "shape", "family", "N", "K", "M")
 
 # ---------------------------------------------------------------------------------------------------------
-# Wave quantization. The fused SIMT kernel's launch geometry: ASSUMED until the kernel is final, so the
-# lead adjusts these constants to kernels/ (they only feed the "wave_tail" label, never a measurement).
-SIMT_ROWS_PER_BLOCK = 8        # output rows (of N) one thread block computes
-SIMT_M_PER_BLOCK = None        # batch rows one block covers; None: one block covers every M (no M tiling)
+# Wave quantization: the fused SIMT kernel's launch geometry, mirrored from kernels/q4_gemm.cu
+# (q4_simt_rows_per_warp, q4_simt_m_tile, Q4_WARPS). It only feeds the "wave_tail" label.
+SIMT_WARPS_PER_BLOCK = 4
 # arch -> (SM/CU count, resident SIMT blocks per SM/CU). Counts are the full parts' (H100 SXM: 132 SMs;
-# H100 PCIe has 114: pass sm_count=114). Blocks per SM assume 256-thread blocks at full occupancy.
+# H100 PCIe has 114: pass sm_count=114). Blocks per SM: the register-limited residency of the M=1 kernel
+# on sm_90 (127 registers x 128 threads: 4 blocks); the AMD entries are the same guess until measured.
 ARCH_GEOMETRY = {
-    "sm_80": (108, 8),    # A100
-    "sm_90": (132, 8),    # H100 SXM / H200
-    "gfx90a": (104, 8),   # MI210 (MI250X: 110 CUs per GCD)
-    "gfx942": (304, 8),   # MI300X
-    "gfx1100": (96, 8),   # RX 7900 XTX
-    "gfx1151": (40, 8),   # Strix Halo
-    "gfx1201": (64, 8),   # RX 9070 XT
+    "sm_80": (108, 4),    # A100
+    "sm_90": (132, 4),    # H100 SXM / H200
+    "gfx90a": (104, 4),   # MI210 (MI250X: 110 CUs per GCD)
+    "gfx942": (304, 4),   # MI300X
+    "gfx1100": (96, 4),   # RX 7900 XTX
+    "gfx1151": (40, 4),   # Strix Halo
+    "gfx1201": (64, 4),   # RX 9070 XT
 }
 
 
-def simt_grid(N: int, M: int, rows_per_block: int = SIMT_ROWS_PER_BLOCK,
-              m_per_block: int | None = SIMT_M_PER_BLOCK) -> int:
+def simt_launch(N: int, M: int, sm_count: int = 132) -> tuple[int, int]:
+    """(rows per warp, activation rows per block) the simt launcher picks for this shape."""
+    warps = SIMT_WARPS_PER_BLOCK
+    rows_per_warp = 4 if N >= 2 * sm_count * warps * 4 else 2 if N >= 2 * sm_count * warps * 2 else 1
+    m_tile = 1 if M <= 1 else 2 if M <= 2 else 4 if M <= 4 else 8
+    return rows_per_warp, m_tile
+
+
+def simt_grid(N: int, M: int, sm_count: int = 132) -> int:
     """Thread blocks the SIMT kernel launches for an [M, K] x [N, K]^T product."""
-    m_tiles = math.ceil(M / m_per_block) if m_per_block else 1
-    return math.ceil(N / rows_per_block) * m_tiles
+    rows_per_warp, m_tile = simt_launch(N, M, sm_count)
+    return math.ceil(N / (SIMT_WARPS_PER_BLOCK * rows_per_warp)) * math.ceil(M / m_tile)
 
 
 def wave_efficiency(blocks: int, sm_count: int, blocks_per_sm: int) -> float:
@@ -73,7 +80,7 @@ def wave_slowdown(N: int, M: int, arch: str, sm_count: int | None = None,
     geometry = arch_geometry(arch, sm_count, blocks_per_sm)
     if geometry is None:
         return None
-    return 1.0 / wave_efficiency(simt_grid(N, M), *geometry)
+    return 1.0 / wave_efficiency(simt_grid(N, M, geometry[0]), *geometry)
 
 
 # ---------------------------------------------------------------------------------------------------------

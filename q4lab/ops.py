@@ -24,9 +24,10 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # kernels/q4_port.h Q4_F16..Q4_F32
 _KERNEL_IMPL = {"simt": 0, "gemv": 1}
 
-# impl="auto" uses simt for M <= this many rows, dequant_blas above. A conservative default until a
-# device's sweep fits its own (analysis.crossover_summary's dispatch threshold); override per call site.
-AUTO_SIMT_MAX_M = 16
+# impl="auto" uses simt for M <= this many rows, dequant_blas above: the dispatch threshold that
+# analysis.crossover_summary fits to data/h100_mgrid.parquet (H100, NF4/64, fp16, bf16 and fp32 alike:
+# median crossover 8-10 rows). Another device's sweep fits its own; set this module attribute to use it.
+AUTO_SIMT_MAX_M = 8
 
 # Per-weight caches (dense copies, bitsandbytes' QuantState), keyed by the packed tensor's id and dropped
 # when that tensor is freed (tensors compare elementwise, so they cannot be dict keys themselves).

@@ -92,7 +92,7 @@ def test_camping_floors_label_exactly_the_planted_floors_and_wave_tails(df):
         assert row["excess_ratio"] == pytest.approx(floor_us / row["model_us"]) and row["excess_ratio"] > 2
         assert row["z"] > 3.5 and row["z_wave"] > 3.5
     for row in floors.filter(pl.col("label") == "wave_tail").iter_rows(named=True):
-        assert row["wave_slowdown"] == pytest.approx(2112 / 1152)  # 1152 blocks in waves of 1056
+        assert row["wave_slowdown"] == pytest.approx(1056 / 576)  # 576 blocks in waves of 528
         assert row["z"] > 3.5 >= row["z_wave"]
 
 
@@ -159,14 +159,16 @@ def test_family_bookkeeping_on_the_gfx1201_sweep(df):
 
 
 def test_wave_model():
-    assert analysis.simt_grid(9216, 1) == 1152 and analysis.simt_grid(9216, 64) == 1152
+    # 16 rows a block (4 warps x 4 rows) from N=4224 on 132 SMs, 8 rows from 2112, 4 below; M tiles of 8
+    assert analysis.simt_grid(9216, 1) == 576 and analysis.simt_grid(9216, 64) == 576 * 8
+    assert analysis.simt_grid(2500, 3) == 313 and analysis.simt_grid(1024, 1) == 256
     assert analysis.wave_efficiency(1056, 132, 8) == 1.0
     assert analysis.wave_efficiency(1152, 132, 8) == pytest.approx((1152 / 1056) / 2)
     assert analysis.wave_efficiency(66, 132, 8) == 0.5  # half the SMs idle
-    assert analysis.wave_slowdown(9216, 1, "sm_90") == pytest.approx(2112 / 1152)
+    assert analysis.wave_slowdown(9216, 1, "sm_90") == pytest.approx(1056 / 576)  # 576 blocks, waves of 528
     assert analysis.wave_slowdown(9216, 1, "sm_90", sm_count=144) == 1.0
     assert analysis.wave_slowdown(4096, 1, "unknown_arch") is None
-    assert analysis.wave_slowdown(4096, 1, "unknown_arch", sm_count=64, blocks_per_sm=8) == 1.0
+    assert analysis.wave_slowdown(4096, 1, "unknown_arch", sm_count=64, blocks_per_sm=4) == 1.0
 
 
 def test_bad_input_names_the_problem_and_the_fix(df):

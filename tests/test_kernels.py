@@ -39,6 +39,10 @@ def test_nvcc_builds_the_library_for_the_ci_archs_and_it_loads_without_a_gpu(cud
     # the launch heuristics are plain host code in the library: callable without a GPU
     assert lib.q4_simt_m_tile(1) == 1 and lib.q4_simt_m_tile(3) == 4 and lib.q4_simt_m_tile(2048) == 8
     assert lib.q4_simt_rows_per_warp(28672, 132) == 4 and lib.q4_simt_rows_per_warp(1024, 132) == 1
+    # the wave model in analysis mirrors the launcher
+    from q4lab import analysis
+    for N, M, sms in [(512, 1, 132), (2112, 3, 132), (4223, 8, 132), (4224, 9, 132), (9216, 64, 108)]:
+        assert analysis.simt_launch(N, M, sms) == (lib.q4_simt_rows_per_warp(N, sms), lib.q4_simt_m_tile(M))
 
 
 def test_a_second_build_reuses_the_cached_library(cuda_library, monkeypatch):
