@@ -251,11 +251,25 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", choices=NOTEBOOKS, default=list(NOTEBOOKS), metavar="NOTEBOOK",
                         help=f"run only these notebooks ({', '.join(NOTEBOOKS)})")
     parser.add_argument("--timeout", type=int, default=600, help="seconds a notebook cell may take (default 600)")
-    parser.add_argument("--jobs", type=int, default=4, help="notebooks run at a time (default 4)")
+    parser.add_argument("--jobs", type=int, default=4, help="notebooks run at a time (default 4; 1 when live)")
+    parser.add_argument("--live", choices=("auto", "yes", "no"), default="auto",
+                        help="notebooks measure on this machine's GPU instead of reading the data (auto: when "
+                             "torch sees a GPU); the index's headlines still come from --data")
+
+
+def live_parameters(live: str, notebooks: tuple[str, ...]) -> dict | None:
+    """Per-notebook parameters for `--live`: {name: {"live": True}} when measuring, else None."""
+    if live == "auto":
+        import torch
+        live = "yes" if torch.cuda.is_available() else "no"
+    return {name: {"live": True} for name in notebooks} if live == "yes" else None
 
 
 def report_command(args: argparse.Namespace) -> int:
-    results = build_reports(args.out, args.data, tuple(args.only), timeout=args.timeout, jobs=args.jobs)
+    parameters = live_parameters(args.live, tuple(args.only))
+    # live notebooks share one GPU: running them side by side would time each other
+    jobs = 1 if parameters else args.jobs
+    results = build_reports(args.out, args.data, tuple(args.only), parameters, timeout=args.timeout, jobs=jobs)
     failed = [r for r in results if r.error]
     for r in failed:
         print(f"q4lab report: {r.name} failed at {r.error}", file=sys.stderr)

@@ -100,7 +100,7 @@ def test_report_command_exits_nonzero_when_a_notebook_failed(monkeypatch, capsys
     failed = report.NotebookResult("n_resonance", Path("n_resonance.html"), 1.0, "cell 3 (In [3]: x): ValueError: boom")
     ok = report.NotebookResult("crossover", Path("crossover.html"), 1.0)
     monkeypatch.setattr(report, "build_reports", lambda *a, **k: [ok, failed])
-    args = argparse.Namespace(out="r", data=["d"], only=list(report.NOTEBOOKS), timeout=10, jobs=1)
+    args = argparse.Namespace(out="r", data=["d"], only=list(report.NOTEBOOKS), timeout=10, jobs=1, live="no")
     assert report.report_command(args) == 1
     assert "n_resonance failed at cell 3 (In [3]: x): ValueError: boom" in capsys.readouterr().err
     monkeypatch.setattr(report, "build_reports", lambda *a, **k: [ok])
@@ -137,3 +137,14 @@ def test_a_real_browser_renders_the_index_and_a_report_offline(built):
             browser.close()
     assert errors == []
     assert [u for u in requests if not u.startswith(("file://", "data:", "about:"))] == []
+
+
+def test_live_reports_only_when_asked_or_a_gpu_is_there(monkeypatch):
+    from q4lab import report
+    assert report.live_parameters("no", ("crossover",)) is None
+    assert report.live_parameters("yes", ("crossover", "n_resonance")) == {"crossover": {"live": True},
+                                                                         "n_resonance": {"live": True}}
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert report.live_parameters("auto", ("shape_probe",)) == {"shape_probe": {"live": True}}
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert report.live_parameters("auto", ("shape_probe",)) is None
