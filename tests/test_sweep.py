@@ -470,3 +470,12 @@ def test_shipped_dataset_validates_and_carries_its_provenance(path):
     assert (df["git_commit"] != "unknown").all()
     assert (df["time_us"] > 0).all() and (df["device_gbps"] > 0).all() and (df["launch_us"] > 0).all()
     assert path.name in (REPO / "data" / "README.md").read_text(), "data/README.md must describe every file"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_dataset_was_measured_with_the_current_kernels(path):
+    from q4lab import kernels
+    measured = set(dataset.load(path)["kernel_hash"])
+    assert measured == {kernels.source_hash()}, (
+        f"{path.name} was measured with kernels {sorted(measured)}, but kernels/ is now {kernels.source_hash()}: "
+        f"re-measure it on a GPU (commands in data/README.md) so the shipped data describes the shipped kernels")
