@@ -142,6 +142,15 @@ def _exporter():
                         exclude_input_prompt=True, exclude_output_prompt=True)
 
 
+def _drop_widget_views(notebook) -> None:
+    """Remove live-widget outputs: without a kernel a page can only show their text fallback
+    ("VBox(children=(IntSlider(...") where the sliders were; the static snapshot beside them stays."""
+    for cell in notebook.cells:
+        if cell.get("outputs"):
+            cell.outputs = [o for o in cell.outputs
+                            if "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
+
+
 def run_notebook(name: str, out_dir: Path, parameters: dict, kernel_name: str = "python3",
                  timeout: int = 600) -> NotebookResult:
     """Execute notebooks/{name}.ipynb into out_dir/notebooks/ and export it to out_dir/{name}.html (call it
@@ -168,6 +177,7 @@ def run_notebook(name: str, out_dir: Path, parameters: dict, kernel_name: str = 
     if executed.is_file():
         notebook = nbformat.read(executed, as_version=4)
         notebook.metadata.pop("widgets", None)  # widget state (megabytes of JS) that no offline page can use
+        _drop_widget_views(notebook)
         body, _ = _exporter().from_notebook_node(notebook)
     else:
         body = f"<!DOCTYPE html><html><body><h1>{name}</h1><p>did not run: {html.escape(error or '')}</p></body></html>"

@@ -148,3 +148,14 @@ def test_live_reports_only_when_asked_or_a_gpu_is_there(monkeypatch):
     assert report.live_parameters("auto", ("shape_probe",)) == {"shape_probe": {"live": True}}
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert report.live_parameters("auto", ("shape_probe",)) is None
+
+
+def test_widget_views_leave_no_text_fallback_in_the_report():
+    import nbformat
+    from q4lab import report
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("w", outputs=[
+        nbformat.v4.new_output("display_data", data={"text/plain": "VBox(children=(IntSlider(value=4096))",
+                                                     "application/vnd.jupyter.widget-view+json": {"model_id": "x"}}),
+        nbformat.v4.new_output("display_data", data={"text/html": "<div>snapshot</div>"})])])
+    report._drop_widget_views(nb)
+    assert [list(o["data"]) for o in nb.cells[0].outputs] == [["text/html"]]
