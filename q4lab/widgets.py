@@ -81,8 +81,10 @@ class ShapeProber:
         if rows.is_empty():
             return rows, self.note + f"nothing measured for {c['dtype']}, {c['quant_type']}, impls {list(c['impls'])}"
         shapes = rows.select("shape", "N", "K").unique()
+        # A user moving one slider holds the other: shapes with the requested K come first, then log distance.
+        other_k = pl.col("K") != c["K"]
         distance = (pl.col("N").log() - math.log(c["N"])).abs() + (pl.col("K").log() - math.log(c["K"])).abs()
-        shape, n, k = shapes.sort(distance, "shape").row(0)
+        shape, n, k = shapes.sort(other_k, distance, "shape").row(0)
         if (n, k) == (c["N"], c["K"]):
             line = f"{shape} (N={n}, K={k}): measured"
         else:

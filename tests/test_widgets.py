@@ -45,6 +45,13 @@ def test_an_unmeasured_shape_shows_the_nearest_one_and_says_so(prober):
                                    "N=4032, K=3520 was not measured")
 
 
+def test_moving_n_alone_keeps_k_when_that_k_was_measured(prober):
+    prober.controls["K"].value = 4096
+    prober.controls["N"].value = 20000
+    assert prober.status.value.startswith("nearest measured shape: ")
+    assert ", K=4096); N=20000, K=4096 was not measured" in prober.status.value
+
+
 def test_impls_device_dtype_and_m_range_filter_the_curves(prober, df):
     prober.controls["impls"].value = ("simt", "dequant_blas")
     assert sorted(_curves(prober)) == sorted(f"{i} · {d}" for i in ("simt", "dequant_blas")
