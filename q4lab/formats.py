@@ -278,10 +278,20 @@ def quantize(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, nest
 
 def dequantize(w: Q4Weight) -> torch.Tensor:
     """The weight [N, K] in `w.dtype` on `w.device`, as bitsandbytes' dequantize_4bit computes it."""
-    absmax = unpack_absmax(w)
-    codes = torch.stack([w.packed >> 4, w.packed & 0xF], dim=1).reshape(-1).long()
-    values = w.code[codes].view(-1, w.blocksize) * absmax.view(-1, 1)  # float32, rounded once to dtype
+    values = w.code[_codes(w)].view(-1, w.blocksize) * unpack_absmax(w).view(-1, 1)  # float32, rounded once
     return values.reshape(w.shape).to(w.dtype)
+
+
+def dequantize_float64(w: Q4Weight) -> torch.Tensor:
+    """The exact weight [N, K], code * absmax in float64 on `w.device`: what every reference compares to
+    (the kernels multiply in fp32 without rounding to the weight's dtype)."""
+    values = w.code.double()[_codes(w)].view(-1, w.blocksize) * unpack_absmax(w).double().view(-1, 1)
+    return values.reshape(w.shape)
+
+
+def _codes(w: Q4Weight) -> torch.Tensor:
+    """The 4-bit code of every element, flat, in element order (even element from the high nibble)."""
+    return torch.stack([w.packed >> 4, w.packed & 0xF], dim=1).reshape(-1).long()
 
 
 def unpack_absmax(w: Q4Weight) -> torch.Tensor:

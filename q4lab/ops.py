@@ -104,10 +104,7 @@ def _check(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, impl: str) -
 
 
 def _reference(A2: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    wc = w.to("cpu")
-    codes = torch.stack([wc.packed >> 4, wc.packed & 0xF], dim=1).reshape(-1).long()
-    W = (wc.code[codes].double().view(-1, w.blocksize) * formats.unpack_absmax(wc).double().view(-1, 1))
-    out = A2.cpu().double() @ W.view(w.N, w.K).T
+    out = A2.cpu().double() @ formats.dequantize_float64(w.to("cpu")).T
     if bias is not None:
         out += bias.cpu().double()
     return out.to(A2.dtype).to(A2.device)

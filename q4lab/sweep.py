@@ -459,8 +459,7 @@ class _References:
     """Reference outputs of the checked rows, once per shape for every dtype together: the reference
     impl's arithmetic (float64 accumulation of the dequantized weight) but on the sweep's device, since
     the `reference` impl itself runs on the CPU, where a 100M-element weight takes seconds to check and
-    an N sweep holds hundreds of them. The weight is decoded in float32 (code * absmax rounded once,
-    6e-8 relative), far inside every CHECK_TOLERANCE."""
+    an N sweep holds hundreds of them."""
 
     def __init__(self, plan: Plan, inputs: dict, weights: dict):
         self.plan, self.inputs, self.weights = plan, inputs, weights
@@ -474,7 +473,7 @@ class _References:
         if p.shape not in self.cache:
             dtypes = [d for d in self.plan.dtypes if (p.K, d) in self.inputs]
             A = torch.cat([self.inputs[p.K, d][self.rows].double() for d in dtypes])
-            W = formats.dequantize(self.weights[p.shape]).double()
+            W = formats.dequantize_float64(self.weights[p.shape])
             out = (A @ W.T).cpu()
             self.cache[p.shape] = dict(zip(dtypes, out.split(len(self.rows))))
         return self.cache[p.shape][p.dtype]

@@ -40,9 +40,7 @@ def rel_err(out: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor]) -> float:
 def reference_gpu(A: torch.Tensor, w: formats.Q4Weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
     """ops' float64 reference computed on the GPU (the CPU one is too slow for K=28672 x 64 rows), and the
     error scale |A| @ |W|^T + |bias|."""
-    codes = torch.stack([w.packed >> 4, w.packed & 0xF], dim=1).reshape(-1).long()
-    W = (w.code[codes].double().view(-1, w.blocksize) * formats.unpack_absmax(w).double().view(-1, 1))
-    W = W.view(w.N, w.K)
+    W = formats.dequantize_float64(w)
     value, scale = A.double() @ W.T, A.double().abs() @ W.abs().T
     if bias is not None:
         value, scale = value + bias.double(), scale + bias.double().abs()
