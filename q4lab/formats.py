@@ -105,7 +105,7 @@ class Q4Weight:
         nblocks = N * K // self.blocksize
         _check_tensor("packed", self.packed, torch.uint8, (N * K // 2,))
         _check_tensor("code", self.code, torch.float32, (16,))
-        if not torch.equal(self.code.cpu(), code_table(self.quant_type)):
+        if not torch.equal(self.code, code_table(self.quant_type, self.code.device)):  # no host sync
             raise FormatError(
                 f"code is not bitsandbytes' {self.quant_type} table: q4lab supports only the standard "
                 "NF4/FP4 tables; requantize the weight with bitsandbytes' defaults"
@@ -262,9 +262,9 @@ def quantize(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, nest
     _check_weight(W, quant_type, blocksize)
     W = W.detach()
     flat = W.reshape(-1).float()
-    codes, absmax = _quantize_4bit_codes(flat, quant_type, blocksize)
-    packed = (codes[0::2] << 4) | codes[1::2]
     code = code_table(quant_type, W.device)
+    codes, absmax = _quantize_4bit_codes(flat, code, blocksize)
+    packed = (codes[0::2] << 4) | codes[1::2]
     if not nested:
         return Q4Weight(packed, absmax, code, tuple(W.shape), W.dtype, quant_type, blocksize)
     offset = absmax.mean()
@@ -314,13 +314,12 @@ def load(path, prefix: str = "", device: torch.device | str = "cpu") -> Q4Weight
     return Q4Weight.from_bnb_state_dict(sd, prefix)
 
 
-def _quantize_4bit_codes(flat: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_4bit_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 code index per element and float32 absmax per block (bitsandbytes' default-backend quantize_4bit)."""
     blocks = flat.view(-1, blocksize)
     absmax = blocks.abs().amax(dim=1)
     # Multiply by the reciprocal (not divide), and clamp absmax so an all-zero block scales to 0, not NaN.
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-    code = code_table(quant_type, flat.device)
     # Nearest code: count the midpoints between sorted codes that lie strictly below the value, so a
     # value exactly on a midpoint goes to the lower code. FP4's table is not sorted and holds 0.0 twice
     # (indices 0 and 8): a stable sort puts index 0 first, so 0 and tiny negatives get index 0 and tiny

@@ -33,8 +33,7 @@ def make_weight(shape, dtype, blocksize, seed=0):
 
 
 def bnb_quantize(W, quant_type, blocksize, nested):
-    packed, state = F.quantize_4bit(W, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
-    return packed, state
+    return F.quantize_4bit(W, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
 
 
 def assert_same_as_bnb(w: Q4Weight, packed, state):
@@ -58,7 +57,8 @@ def test_code_tables_are_bitsandbytes_tables():
 
 
 # Blocksizes 2048/4096 send bitsandbytes' CPU dequantize through a torch.compile'd fallback on AVX512
-# machines (a second or two to compile each); one shape keeps that to a few compiles.
+# machines (a second or two to compile each); one shape keeps that to a few compiles, and 2048 is left out
+# because it takes the same path as 4096.
 @needs_bnb
 @pytest.mark.parametrize("dtype", TORCH_DTYPES)
 @pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
@@ -191,8 +191,6 @@ def test_q4weight_properties(nested):
     assert w.packed.shape == (N * K // 2,) and w.packed.dtype == torch.uint8
     state_bytes = nblocks + 4 * math.ceil(nblocks / 256) + 256 * 4 + 4 if nested else 4 * nblocks
     assert w.weight_bytes == N * K // 2 + state_bytes
-    moved = w.to("cpu")
-    assert moved is not w and torch.equal(dequantize(moved), dequantize(w))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")
