@@ -25,8 +25,8 @@ _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # kernels
 _KERNEL_IMPL = {"simt": 0, "gemv": 1}
 
 # impl="auto" uses simt for M <= this many rows, dequant_blas above: the dispatch threshold that
-# analysis.crossover_summary fits to data/h100_mgrid.parquet (H100, NF4/64, fp16, bf16 and fp32 alike:
-# median crossover 8-10 rows). Another device's sweep fits its own; set this module attribute to use it.
+# analysis.crossover_summary fits to data/h100_mgrid.parquet (H100, NF4/64: 8 for fp16, bf16 and fp32;
+# the median crossovers are 10.1, 10.3 and 11.4 rows). Another device's sweep fits its own; set this module attribute to use it.
 AUTO_SIMT_MAX_M = 8
 
 # Per-weight caches (dense copies, bitsandbytes' QuantState), keyed by the packed tensor's id and dropped

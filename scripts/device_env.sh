@@ -1,5 +1,7 @@
-# Sourced at the start of every `device` call (see docs/PERF.md): puts the carried wheels and
-# bitsandbytes on the path and builds the kernel library for the device's GPU into /tmp.
+# Sourced at the start of every `device` call: puts the carried wheels and bitsandbytes on the path and
+# builds the kernel library for the device's GPU into /tmp. Carry `.whl` (polars, polars-runtime-32 and
+# tqdm wheels from `pip download`, which the device lacks) and `.bnb` (the bitsandbytes 0.50.2 wheel
+# unpacked, keeping only libbitsandbytes_cuda130.so); both are git-ignored.
 set -e
 export PYTHONUNBUFFERED=1 Q4LAB_CACHE=/tmp/q4lab-cache
 if [ -d .whl ]; then
