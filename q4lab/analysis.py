@@ -202,7 +202,8 @@ def _dispatch_threshold(pairs: pl.DataFrame) -> tuple[int, float]:
 
 SUMMARY_SCHEMA = {**{c: CROSSOVER_SCHEMA[c] for c in CONFIG}, "impl_a": pl.Utf8, "impl_b": pl.Utf8,
                   "n_shapes": pl.Int64, "n_left": pl.Int64, "n_right": pl.Int64,
-                  "median_m": pl.Float64, "median_label": pl.Utf8, "q25_m": pl.Float64,
+                  "median_m": pl.Float64, "median_lo": pl.Float64, "median_hi": pl.Float64,
+                  "median_label": pl.Utf8, "q25_m": pl.Float64,
                   "q75_m": pl.Float64, "iqr_label": pl.Utf8, "threshold_m": pl.Int64,
                   "threshold_slowdown": pl.Float64}
 
@@ -214,7 +215,7 @@ def crossover_summary(df: pl.DataFrame, impl_a: str = "simt", impl_b: str = "deq
     Censoring: a right-censored shape's M* is only known to exceed its m_max_measured, a left-censored
     one's to lie below its m_min_measured. Each quantile is computed twice, once with every censored M* at
     its lower bound (0 for left, m_max for right) and once at its upper bound (m_min for left, infinity
-    for right); the true quantile lies between. When both agree it is reported (`median_m`, `q25_m`,
+    for right); the true quantile lies between (`median_lo`, `median_hi` for the median). When both agree it is reported (`median_m`, `q25_m`,
     `q75_m`); otherwise those are null and the labels say what is known (`"> 128"`: more than half the
     shapes still favour A at the largest M measured).
 
@@ -236,7 +237,8 @@ def crossover_summary(df: pl.DataFrame, impl_a: str = "simt", impl_b: str = "deq
         threshold, slowdown = _dispatch_threshold(pairs.filter(*(pl.col(c) == v for c, v in key.items())))
         rows.append({**key, "impl_a": impl_a, "impl_b": impl_b, "n_shapes": g.height,
                      "n_left": int((censored == "left").sum()), "n_right": int((censored == "right").sum()),
-                     "median_m": med[0] if med[0] == med[1] else None, "median_label": _bounds_label(*med),
+                     "median_m": med[0] if med[0] == med[1] else None, "median_lo": med[0],
+                     "median_hi": med[1], "median_label": _bounds_label(*med),
                      "q25_m": q25[0] if q25[0] == q25[1] else None,
                      "q75_m": q75[0] if q75[0] == q75[1] else None,
                      "iqr_label": f"{_bounds_label(*q25)} .. {_bounds_label(*q75)}",

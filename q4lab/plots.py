@@ -240,12 +240,13 @@ def crossover_heatmap(crossovers: pl.DataFrame) -> go.Figure:
 
 def crossover_summary_chart(summary: pl.DataFrame) -> go.Figure:
     """Median crossover per device and dtype with its interquartile range, from
-    `analysis.crossover_summary`; a censored median is drawn at its bound with an open marker."""
+    `analysis.crossover_summary`; a censored median is drawn at its finite bound (the upper one when both
+    are finite) with an open marker."""
     _nonempty(summary, "crossover summary", "no summary rows")
     fig = go.Figure()
     for dtype in sorted(summary["dtype"].unique().to_list()):
         s = summary.filter(pl.col("dtype") == dtype).sort("device")
-        y = [m if m is not None else float(label.split()[-1]) for m, label in zip(s["median_m"], s["median_label"])]
+        y = [lo if math.isinf(hi) else hi for lo, hi in zip(s["median_lo"], s["median_hi"])]
         fig.add_trace(go.Scatter(
             x=s["device"], y=y, mode="markers", name=dtype, marker={"size": 12, "symbol": [
                 "circle" if m is not None else "circle-open" for m in s["median_m"]]},

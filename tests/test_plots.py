@@ -102,3 +102,12 @@ def test_offline_renderer_emits_html_without_network_and_plotly_json(df):
     assert set(bundle) == {"text/html", "application/vnd.plotly.v1+json"}
     assert "Plotly.newPlot" in bundle["text/html"]
     assert not re.search(r"<script[^>]+src=", bundle["text/html"])  # draws with the page's one plotly.js
+
+
+def test_a_median_known_only_as_an_interval_is_drawn_at_its_upper_bound():
+    row = {"device": "d", "dtype": "fp16", "quant_type": "nf4", "blocksize": 64, "nested": False, "cold": True,
+           "impl_a": "simt", "impl_b": "dense", "n_shapes": 4, "n_left": 2, "n_right": 0, "median_m": None,
+           "median_lo": 4.0, "median_hi": 4.5, "median_label": "4-4.5", "q25_m": None, "q75_m": None,
+           "iqr_label": "< 1 .. 8", "threshold_m": 4, "threshold_slowdown": 1.0}
+    fig = plots.crossover_summary_chart(pl.DataFrame([row], schema=analysis.SUMMARY_SCHEMA))
+    assert list(fig.data[0].y) == [4.5] and fig.data[0].marker.symbol == ("circle-open",)
