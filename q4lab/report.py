@@ -23,7 +23,7 @@ import jinja2
 import polars as pl
 
 from q4lab import analysis, dataset, plots
-from q4lab.notebook_params import REPO, describe, resolve
+from q4lab.notebook_params import REPO, describe, gpu_missing_reason, resolve
 
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = ("crossover", "camping_outliers", "n_resonance", "shape_probe")
@@ -34,12 +34,10 @@ OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
-{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
-{%- block data_widget_view scoped -%}
-<div class="jp-OutputArea-output"><p><em>(an interactive widget: it works in JupyterLab with a running
-kernel; the exported report shows the snapshot below it)</em></p></div>
-{%- endblock data_widget_view -%}
 """
+# What an exported page shows where a live widget was (without a kernel only its text fallback could show)
+WIDGET_NOTE = ("<p><em>(an interactive widget: it works in JupyterLab with a running kernel; the exported "
+               "report shows the snapshot below it)</em></p>")
 
 
 @dataclass
@@ -142,13 +140,14 @@ def _exporter():
                         exclude_input_prompt=True, exclude_output_prompt=True)
 
 
-def _drop_widget_views(notebook) -> None:
-    """Remove live-widget outputs: without a kernel a page can only show their text fallback
-    ("VBox(children=(IntSlider(...") where the sliders were; the static snapshot beside them stays."""
+def _replace_widget_views(notebook) -> None:
+    """Put WIDGET_NOTE where live-widget outputs were: without a kernel a page could only show their text
+    fallback ("VBox(children=(IntSlider(..."); the static snapshot beside them stays."""
+    import nbformat
     for cell in notebook.cells:
-        if cell.get("outputs"):
-            cell.outputs = [o for o in cell.outputs
-                            if "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
+        for i, output in enumerate(cell.get("outputs", [])):
+            if "application/vnd.jupyter.widget-view+json" in output.get("data", {}):
+                cell.outputs[i] = nbformat.v4.new_output("display_data", data={"text/html": WIDGET_NOTE})
 
 
 def run_notebook(name: str, out_dir: Path, parameters: dict, kernel_name: str = "python3",
@@ -177,7 +176,7 @@ def run_notebook(name: str, out_dir: Path, parameters: dict, kernel_name: str = 
     if executed.is_file():
         notebook = nbformat.read(executed, as_version=4)
         notebook.metadata.pop("widgets", None)  # widget state (megabytes of JS) that no offline page can use
-        _drop_widget_views(notebook)
+        _replace_widget_views(notebook)
         body, _ = _exporter().from_notebook_node(notebook)
     else:
         body = f"<!DOCTYPE html><html><body><h1>{name}</h1><p>did not run: {html.escape(error or '')}</p></body></html>"
@@ -270,8 +269,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 def live_parameters(live: str, notebooks: tuple[str, ...]) -> dict | None:
     """Per-notebook parameters for `--live`: {name: {"live": True}} when measuring, else None."""
     if live == "auto":
-        import torch
-        live = "yes" if torch.cuda.is_available() else "no"
+        live = "yes" if gpu_missing_reason() is None else "no"
     return {name: {"live": True} for name in notebooks} if live == "yes" else None
 
 

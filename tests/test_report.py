@@ -140,7 +140,6 @@ def test_a_real_browser_renders_the_index_and_a_report_offline(built):
 
 
 def test_live_reports_only_when_asked_or_a_gpu_is_there(monkeypatch):
-    from q4lab import report
     assert report.live_parameters("no", ("crossover",)) is None
     assert report.live_parameters("yes", ("crossover", "n_resonance")) == {"crossover": {"live": True},
                                                                          "n_resonance": {"live": True}}
@@ -150,12 +149,12 @@ def test_live_reports_only_when_asked_or_a_gpu_is_there(monkeypatch):
     assert report.live_parameters("auto", ("shape_probe",)) is None
 
 
-def test_widget_views_leave_no_text_fallback_in_the_report():
+def test_widget_views_become_a_note_without_their_text_fallback():
     import nbformat
-    from q4lab import report
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("w", outputs=[
         nbformat.v4.new_output("display_data", data={"text/plain": "VBox(children=(IntSlider(value=4096))",
                                                      "application/vnd.jupyter.widget-view+json": {"model_id": "x"}}),
         nbformat.v4.new_output("display_data", data={"text/html": "<div>snapshot</div>"})])])
-    report._drop_widget_views(nb)
-    assert [list(o["data"]) for o in nb.cells[0].outputs] == [["text/html"]]
+    report._replace_widget_views(nb)
+    assert [o["data"] for o in nb.cells[0].outputs] == [{"text/html": report.WIDGET_NOTE},
+                                                        {"text/html": "<div>snapshot</div>"}]
