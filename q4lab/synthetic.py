@@ -28,6 +28,7 @@ import polars as pl
 
 from q4lab.analysis import wave_slowdown
 from q4lab.dataset import COLUMNS, SCHEMA
+from q4lab.shapes import get as get_shape
 
 DEVICES = {
     "H100": {"device": "NVIDIA H100 80GB HBM3 (synthetic)", "vendor": "nvidia", "arch": "sm_90",
@@ -36,31 +37,19 @@ DEVICES = {
                 "runtime": "hip 6.4 (synthetic)", "device_gbps": 580.0, "launch_us": 5.0, "tflops": 190.0},
 }
 
-# (name, N, K, family), named like q4lab.shapes
-SHAPES = (
-    ("llama-3.2-1b.kv_proj", 512, 2048, "gqa_kv"),
-    ("llama-3-8b.kv_proj", 1024, 4096, "gqa_kv"),
-    ("llama-3-70b.kv_proj", 1024, 8192, "gqa_kv"),
-    ("llama-3.2-1b.q_proj", 2048, 2048, "square"),
-    ("llama-3.2-3b.q_proj", 3072, 3072, "square"),
-    ("llama-3-8b.q_proj", 4096, 4096, "square"),
-    ("gemma-2-9b.q_proj", 4096, 3584, "attn_q"),
-    ("qwen3-235b-a22b.o_proj", 4096, 8192, "attn_o"),
-    ("llama-3-70b.q_proj", 8192, 8192, "square"),
-    ("phi-3-mini.qkv_proj", 9216, 3072, "attn_qkv"),
-    ("llama-3.2-1b.up_proj", 8192, 2048, "mlp_up"),
-    ("llama-3-8b.up_proj", 14336, 4096, "mlp_up"),
-    ("qwen2.5-7b.up_proj", 18944, 3584, "mlp_up"),
-    ("llama-3-70b.up_proj", 28672, 8192, "mlp_up"),
-    ("llama-3.2-1b.down_proj", 2048, 8192, "mlp_down"),
-    ("llama-3-8b.down_proj", 4096, 14336, "mlp_down"),
-    ("qwen2.5-7b.down_proj", 3584, 18944, "mlp_down"),
-    ("llama-3-70b.down_proj", 8192, 28672, "mlp_down"),
-)
+# canonical shape -> the M* planted as simt's crossover against dequant_blas on the H100
+_BASE_CROSSOVER = {
+    "llama-3.2-1b.kv_proj": 300, "llama-3-8b.kv_proj": 96, "llama-3-70b.kv_proj": 48,
+    "llama-3.2-1b.q_proj": 64, "llama-3.2-3b.q_proj": 40, "llama-3-8b.q_proj": 24, "gemma-2-9b.q_proj": 28,
+    "qwen3-235b-a22b.o_proj": 20, "llama-3-70b.q_proj": 12, "phi-3-mini.qkv_proj": 16,
+    "llama-3.2-1b.up_proj": 32, "llama-3-8b.up_proj": 10, "qwen2.5-7b.up_proj": 9, "llama-3-70b.up_proj": 8,
+    "llama-3.2-1b.down_proj": 36, "llama-3-8b.down_proj": 14, "qwen2.5-7b.down_proj": 8,
+    "llama-3-70b.down_proj": 6,
+}
+# (name, N, K, family) of those shapes, from q4lab.shapes
+SHAPES = tuple((s.name, s.N, s.K, s.family) for s in map(get_shape, _BASE_CROSSOVER))
 MS = (1, 2, 4, 8, 16, 32, 64, 128)
 
-_BASE_CROSSOVER = dict(zip((s[0] for s in SHAPES),
-                           (300, 96, 48, 64, 40, 24, 28, 20, 12, 16, 32, 10, 9, 8, 36, 14, 8, 6)))
 _DEVICE_SCALE = {"H100": 1.0, "gfx1201": 0.75}
 PLANTED_CROSSOVERS = {(d, s): m * scale for d, scale in _DEVICE_SCALE.items() for s, m in _BASE_CROSSOVER.items()}
 PLANTED_CROSSOVERS[("gfx1201", "llama-3-70b.down_proj")] = 0.5  # simt never wins: left-censored
