@@ -21,8 +21,11 @@ import warnings
 import numpy as np
 import polars as pl
 
+from q4lab.dataset import SCHEMA
+
 # What makes two measurements comparable; analyses never mix across these.
 CONFIG = ("device", "dtype", "quant_type", "blocksize", "nested", "cold")
+GRID_SWEEPS = ("grid", "repeat")  # the `sweep` values whose rows form M grids (an N sweep's do not)
 POINT = (*CONFIG, "shape", "family", "N", "K", "M")
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,9 +113,8 @@ def _m_label(m: float) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # Crossovers
-CROSSOVER_SCHEMA = {**{c: pl.Utf8 for c in ("device", "dtype", "quant_type")}, "blocksize": pl.Int64,
-                    "nested": pl.Boolean, "cold": pl.Boolean, "impl_a": pl.Utf8, "impl_b": pl.Utf8,
-                    "shape": pl.Utf8, "family": pl.Utf8, "N": pl.Int64, "K": pl.Int64,
+CROSSOVER_SCHEMA = {**{c: SCHEMA[c] for c in CONFIG}, "impl_a": pl.Utf8, "impl_b": pl.Utf8,
+                    **{c: SCHEMA[c] for c in ("shape", "family", "N", "K")},
                     "crossover_m": pl.Float64, "censored": pl.Utf8, "crossover_label": pl.Utf8,
                     "m_min_measured": pl.Int64, "m_max_measured": pl.Int64, "n_crossings": pl.Int64,
                     "stable": pl.Boolean}
@@ -145,7 +147,7 @@ def crossovers(df: pl.DataFrame, impl_a: str = "simt", impl_b: str = "dequant_bl
     when A wins at no measured M (M* < m_min_measured). `n_crossings` > 1 means the winner changed more
     than once (the reported M* is the last change). Only M measured for both impls count.
     """
-    a, b = _points(df, impl_a, ("grid", "repeat")), _points(df, impl_b, ("grid", "repeat"))
+    a, b = _points(df, impl_a, GRID_SWEEPS), _points(df, impl_b, GRID_SWEEPS)
     both = a.join(b.select(*POINT, "time_us", "stable"), on=list(POINT), suffix="_b")
     if both.is_empty():
         raise ValueError(f"{impl_a!r} and {impl_b!r} were never measured at the same shape and M; "
@@ -224,7 +226,7 @@ def crossover_summary(df: pl.DataFrame, impl_a: str = "simt", impl_b: str = "deq
     is that mean (1.0: the rule is never wrong).
     """
     per_shape = crossovers(df, impl_a, impl_b)
-    a, b = _points(df, impl_a, ("grid", "repeat")), _points(df, impl_b, ("grid", "repeat"))
+    a, b = _points(df, impl_a, GRID_SWEEPS), _points(df, impl_b, GRID_SWEEPS)
     pairs = a.join(b.select(*POINT, "time_us"), on=list(POINT), suffix="_b")
     rows = []
     for key, g in _groups(per_shape, CONFIG):
@@ -290,7 +292,7 @@ def camping_floors(df: pl.DataFrame, impl: str = "simt", z_threshold: float = 3.
       rows (M=1 to the first M that breaks the flat run) are unstable are never labelled: `stable` is
       False and they belong in `needs_remeasurement`.
     """
-    points = _points(df, impl, ("grid", "repeat"))
+    points = _points(df, impl, GRID_SWEEPS)
     has_m1 = (pl.col("M") == 1).any().over([*CONFIG, "shape"])
     if not points.filter(has_m1).height:
         raise ValueError(f"camping floors need M=1 measurements of {impl!r}; there are none "

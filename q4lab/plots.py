@@ -18,12 +18,13 @@ from plotly.io._base_renderers import MimetypeRenderer, PlotlyRenderer
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from q4lab.analysis import GRID_SWEEPS
+
 IMPL_COLORS = {"simt": "#d62728", "gemv": "#9467bd", "dequant_blas": "#1f77b4", "dense": "#7f7f7f",
                "bnb": "#2ca02c", "reference": "#000000"}
 LABEL_COLORS = {"camping": "#d62728", "wave_tail": "#ff7f0e", "normal": "#9e9e9e"}
 FAMILY_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 DASHES = ("solid", "dot", "dash", "dashdot")
-GRID = ("grid", "repeat")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def _impl_trace(rows: pl.DataFrame, impl: str, dash: str, name: str, show_legend
 # ---------------------------------------------------------------------------------------------------------
 def shape_curves(df: pl.DataFrame, title: str = "", impls=None) -> go.Figure:
     """Time vs M (log-log) for one shape: a line per impl, a dash per device."""
-    rows = _one_config(_nonempty(df.filter(pl.col("sweep").is_in(GRID)), "shape curves", "no grid rows"), "shape curves")
+    rows = _one_config(_nonempty(df.filter(pl.col("sweep").is_in(GRID_SWEEPS)), "shape curves", "no grid rows"), "shape curves")
     impls = impls or sorted(rows["impl"].unique().to_list())
     fig = go.Figure()
     for d, device in enumerate(_devices(rows)):
@@ -120,7 +121,7 @@ def shape_grid(df: pl.DataFrame, dtype: str = "fp16", impls=None, shapes=None,
                crossovers: pl.DataFrame | None = None) -> go.Figure:
     """Small multiples: a row per shape, a column per device; time vs M (log-log), a line per impl; the
     crossover from `analysis.crossovers` (if given) marked as a dotted vertical line."""
-    rows = df.filter(pl.col("sweep").is_in(GRID), pl.col("dtype") == dtype)
+    rows = df.filter(pl.col("sweep").is_in(GRID_SWEEPS), pl.col("dtype") == dtype)
     if shapes:
         rows = rows.filter(pl.col("shape").is_in(list(shapes)))
     if impls:
@@ -165,7 +166,7 @@ def _mark_crossover(fig, crossovers, device, dtype, shape, row, col, cell: pl.Da
 def crossover_median(df: pl.DataFrame, ref_impl: str = "dequant_blas", impls=None) -> go.Figure:
     """Time relative to `ref_impl` vs M: the median over shapes (line) and interquartile range (band) per
     impl; a column per device, a row per dtype. Below 1: faster than the reference."""
-    rows = _one_config(df.filter(pl.col("sweep").is_in(GRID)), "crossover median")
+    rows = _one_config(df.filter(pl.col("sweep").is_in(GRID_SWEEPS)), "crossover median")
     keys = ["device", "dtype", "shape", "M"]
     ref = rows.filter(pl.col("impl") == ref_impl).group_by(keys).agg(pl.col("time_us").median().alias("ref_us"))
     _nonempty(ref, "crossover median", f"no rows of the reference impl {ref_impl!r}")

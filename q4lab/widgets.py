@@ -15,19 +15,18 @@ import ipywidgets as W
 import plotly.graph_objects as go
 import polars as pl
 
-from q4lab import dataset, plots
+from q4lab import analysis, dataset, plots
 from q4lab.notebook_params import gpu_missing_reason
 
 ALL_DEVICES = "all devices"
 LIVE_MS = (1, 2, 4, 8, 16, 32, 64, 128)
-LIVE_IMPLS = ("simt", "gemv", "dequant_blas", "dense", "bnb")
 
 
 class ShapeProber:
     def __init__(self, frame: pl.DataFrame | None = None, live: bool = False, N: int = 4096, K: int = 4096,
                  dtype: str = "fp16", quant_type: str = "nf4", impls=None):
         self.frame = (frame if frame is not None else pl.DataFrame(schema=dataset.SCHEMA)).filter(
-            pl.col("sweep").is_in(plots.GRID))
+            pl.col("sweep").is_in(analysis.GRID_SWEEPS))
         reason = gpu_missing_reason() if live else None
         self.live = live and reason is None
         self.note = f"live=True, but {reason}: showing the dataset instead. " if reason else ""
@@ -49,7 +48,7 @@ class ShapeProber:
             "quant_type": W.Dropdown(options=self._options("quant_type", ("nf4", "fp4")), value=quant_type,
                                      description="quant"),
             "device": W.Dropdown(options=[ALL_DEVICES, *devices], description="device"),
-            "impls": W.SelectMultiple(options=sorted(set(data_impls) | (set(LIVE_IMPLS) if self.live else set())),
+            "impls": W.SelectMultiple(options=sorted(set(data_impls) | (set(_timed_impls()) if self.live else set())),
                                       description="impls", rows=5),
         }
         self.controls["impls"].value = tuple(impls or self.controls["impls"].options)
@@ -104,7 +103,7 @@ class ShapeProber:
             self.status.value = f"measuring N={c['N']}, K={c['K']} ..."
             measured = sweep.run_grid([nsweep_shape(c["N"], c["K"])], ms, [c["dtype"]], missing,
                                       quant_types=(c["quant_type"],), progress=False)
-            self.frame = pl.concat([self.frame, dataset.validate(measured, "live measurement")])
+            self.frame = pl.concat([self.frame, measured])  # run_grid writes dataset.SCHEMA already
 
     def update(self, change=None) -> None:
         """Redraw the figure for the controls' current values (the callback of every control)."""
@@ -120,3 +119,9 @@ class ShapeProber:
     def snapshot(self) -> go.Figure:
         """A static copy of the current figure (exported HTML cannot show the live widget)."""
         return go.Figure(self.figure)
+
+
+def _timed_impls() -> tuple[str, ...]:
+    """The impls a live sweep can time (imported late: q4lab.sweep loads torch, which data-only use avoids)."""
+    from q4lab.sweep import TIMED_IMPLS
+    return TIMED_IMPLS
