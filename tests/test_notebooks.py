@@ -3,7 +3,6 @@ parameters fail the run, naming the parameter."""
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import nbformat
 import papermill
@@ -15,8 +14,8 @@ from plotly.offline import get_plotlyjs
 from q4lab import analysis, dataset, notebook_params as nbp, report
 from q4lab.synthetic import synthetic_dataset
 
-REPO = Path(__file__).resolve().parent.parent
-NOTEBOOKS = ("crossover", "camping_outliers", "n_resonance", "shape_probe")
+REPO = nbp.REPO
+NOTEBOOKS = report.NOTEBOOKS
 SMALL = {  # small parameters: the runs stay quick, and what they show is known
     "crossover": {"dtypes": ["fp16"], "shapes": ["llama-3-8b.q_proj", "llama-3.2-1b.q_proj"]},
     "camping_outliers": {"z_threshold": 3.5, "live": True},  # no GPU here: it must say so and use the data
