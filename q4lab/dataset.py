@@ -52,7 +52,7 @@ MEASUREMENT = {
     "bytes": pl.Int64,          # fewest bytes the impl must move: weight (+state) + A + out (+bias)
     "flops": pl.Int64,          # 2*M*N*K
     "gbps": pl.Float64,         # bytes / time_us / 1e3
-    "device_gbps": pl.Float64,  # large-copy read bandwidth measured in the same run
+    "device_gbps": pl.Float64,  # large-read bandwidth (bench.device_gbps) measured in the same run
     "launch_us": pl.Float64,    # empty-launch latency measured in the same run
 }
 

@@ -135,9 +135,10 @@ def by_family(family: str) -> list[Shape]:
 
 
 def select(spec: str | Iterable[str]) -> list[Shape]:
-    """Shapes named by a comma-separated string or a list of names, families and "all", without repeats."""
-    tokens = [t.strip() for t in spec.split(",")] if isinstance(spec, str) else [str(t).strip() for t in spec]
-    tokens = [t for t in tokens if t]
+    """Shapes named by names, families and "all", comma-separated in a string or in the items of a list,
+    without repeats."""
+    items = [spec] if isinstance(spec, str) else spec
+    tokens = [t.strip() for item in items for t in str(item).split(",") if t.strip()]
     if not tokens:
         raise ValueError("no shapes selected; give shape names, families or 'all'")
     picked: dict[str, Shape] = {}

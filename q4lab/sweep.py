@@ -98,12 +98,12 @@ class Plan:
     nested: bool
     cold: bool
 
-    def points(self, chunk: Chunk, impls: tuple[str, ...] | None = None) -> list[Point]:
-        """The chunk's points, ordered so that all impls of one (shape, dtype, M) sit together."""
+    def points(self, chunk: Chunk, impls: tuple[str, ...]) -> list[Point]:
+        """The chunk's points for `impls` (those of self.impls the device runs), ordered so that all impls
+        of one (shape, dtype, M) sit together."""
         return [Point(self.sweep, s.name, s.family, s.N, s.K, M, impl, dtype, chunk.quant_type,
                       self.blocksize, self.nested, self.cold)
-                for s in chunk.shapes for dtype in self.dtypes for M in self.ms
-                for impl in (self.impls if impls is None else impls)]
+                for s in chunk.shapes for dtype in self.dtypes for M in self.ms for impl in impls]
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -120,8 +120,7 @@ def run_grid(shapes, ms, dtypes, impls, quant_types=("nf4",), blocksize=64, nest
     shape_list = _shape_list(shapes)
     quant_types = _names(quant_types, formats.QUANT_TYPES, "quant type")
     chunks = tuple(Chunk((s,), qt) for s in shape_list for qt in quant_types)
-    plan = Plan(sweep, chunks, _ms(ms), _names(dtypes, tuple(ops.DTYPES), "dtype"),
-                _impls(impls), blocksize, bool(nested), bool(cold))
+    plan = _plan(sweep, chunks, ms, dtypes, impls, blocksize, nested, cold)
     return _run(plan, device, log, rounds, tol, max_remeasure, progress, part)
 
 
@@ -137,9 +136,14 @@ def run_nsweep(K, ms, n_start, n_stop, n_step, impls, dtypes=("fp16",), quant_ty
     quant_type = _names([quant_type], formats.QUANT_TYPES, "quant type")[0]
     chunks = tuple(Chunk(tuple(points[i:i + NSWEEP_CHUNK_NS]), quant_type)
                    for i in range(0, len(points), NSWEEP_CHUNK_NS))
-    plan = Plan("nsweep", chunks, _ms(ms), _names(dtypes, tuple(ops.DTYPES), "dtype"),
-                _impls(impls), blocksize, bool(nested), bool(cold))
+    plan = _plan("nsweep", chunks, ms, dtypes, impls, blocksize, nested, cold)
     return _run(plan, device, log, rounds, tol, max_remeasure, progress, part)
+
+
+def _plan(sweep, chunks, ms, dtypes, impls, blocksize, nested, cold) -> Plan:
+    """The validated plan both runners hand to `_run`."""
+    return Plan(sweep, chunks, _ms(ms), _names(dtypes, tuple(ops.DTYPES), "dtype"), _impls(impls), blocksize,
+                bool(nested), bool(cold))
 
 
 def _shape_list(spec) -> list[Shape]:
@@ -148,7 +152,7 @@ def _shape_list(spec) -> list[Shape]:
         return items
     if any(isinstance(s, Shape) for s in items):
         raise SweepError("give shapes as Shape values or as names, not a mix of both")
-    return select(items if len(items) != 1 else items[0])
+    return select(items)
 
 
 def _names(given, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -540,7 +544,7 @@ def _row(p: Point, taken: dict[int, dict], runs: dict[str, dict]) -> dict:
     lo, hi = np.percentile(samples, [20, 80])
     spread = _spread(taken)
     return {**run["identity"], "git_commit": run["git_commit"], "timestamp": last["timestamp"],
-            "run_id": last["run_id"], "timer": last["timer"],
+            "run_id": last["run_id"],
             **p._asdict(), "cold": all(rec["timed_cold"] for rec in recs),
             "time_us": time_us, "time_us_lo": float(lo), "time_us_hi": float(hi), "samples": int(samples.size),
             "rounds": len(recs), "spread": spread, "stable": spread <= last["tolerance"],
@@ -557,7 +561,7 @@ def _frame(records: list[dict], wanted: set[Point] | None = None) -> pl.DataFram
         taken = plog.finished_attempt()
         if taken is not None and (wanted is None or p in wanted):
             rows.append(_row(p, taken, runs))
-    return pl.DataFrame(rows, schema=dataset.SCHEMA).select(dataset.COLUMNS)
+    return pl.DataFrame(rows, schema=dataset.SCHEMA)
 
 
 def compact(log_path, out_path) -> pl.DataFrame:

@@ -39,7 +39,7 @@ def naive_us(fn, device, calls: int = 100) -> float:
     return start.elapsed_time(end) * 1e3 / calls
 
 
-def naive_single_us(fn, device, flush: torch.Tensor) -> float:
+def naive_single_us(fn, flush: torch.Tensor) -> float:
     """Median of flush, start, fn, end per sample, without a hold: the method that leaks host time."""
     times = []
     for _ in range(30):
@@ -102,7 +102,7 @@ def main() -> int:
     slow_t = bench.time_call(slow, device=device)
     show("tiny kernel", fast_t)
     show("tiny kernel + 200 µs host", slow_t)
-    naive_slow = naive_single_us(slow, device, bench._flush_buffer(device))
+    naive_slow = naive_single_us(slow, bench._flush_buffer(device))
     print(f"  naive flush/event loop on the slow call: {naive_slow:.2f} µs (what the hold removes)")
     held_ok = math.isclose(slow_t.time_us, fast_t.time_us, rel_tol=0.10)
     print(f"  {'PASS' if held_ok else 'FAIL'}: device times agree within 10% "

@@ -302,7 +302,7 @@ def test_compact_is_idempotent_appends_runs_and_never_mixes_identities(tmp_path,
     assert dataset.load(out).height == 4
 
 
-def test_compact_reports_unfinished_points_and_bad_paths(tmp_path, monkeypatch):
+def test_compact_names_missing_empty_and_corrupt_files(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no log"):
         sweep.compact(tmp_path / "missing.jsonl", tmp_path / "d.parquet")
     empty = tmp_path / "empty.jsonl"
