@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from q4lab import bench, formats, ops  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "gpu_out"))
-DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # ||out - ref|| / ||ref|| bounds. simt/gemv accumulate in fp32 from exact fp32 weights, so only the output
 # rounding remains; dense/dequant_blas/bnb first round the weight to the activation dtype (bf16: 8 bits).
 TOL = {"fp32": 1e-5, "fp16": 1e-3, "bf16": 8e-3}
@@ -67,7 +66,7 @@ def check(args) -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     for (N, K), qt, nested in itertools.product(shapes, formats.QUANT_TYPES, (False, True)):
         W = torch.randn(N, K, device="cuda", generator=g, dtype=torch.float32)
-        for dname, dtype in DT.items():
+        for dname, dtype in ops.DTYPES.items():
             w = formats.quantize(W.to(dtype), qt, 64, nested)
             for M, with_bias in itertools.product(ms, (False, True)):
                 A = torch.randn(M, K, device="cuda", generator=g).to(dtype)
@@ -114,11 +113,11 @@ def check(args) -> int:
 
 def sanitize(args) -> int:
     g = torch.Generator(device="cuda").manual_seed(1)
-    for (N, K), nested, dname in itertools.product([(37, 64), (130, 1024)], (False, True), DT):
-        w = formats.quantize(torch.randn(N, K, device="cuda", generator=g).to(DT[dname]), "nf4", 64, nested)
+    for (N, K), nested, dname in itertools.product([(37, 64), (130, 1024)], (False, True), ops.DTYPES):
+        w = formats.quantize(torch.randn(N, K, device="cuda", generator=g).to(ops.DTYPES[dname]), "nf4", 64, nested)
         for M in (1, 3, 9):
-            A = torch.randn(M, K, device="cuda", generator=g).to(DT[dname])
-            bias = torch.randn(N, device="cuda", generator=g).to(DT[dname])
+            A = torch.randn(M, K, device="cuda", generator=g).to(ops.DTYPES[dname])
+            bias = torch.randn(N, device="cuda", generator=g).to(ops.DTYPES[dname])
             for impl in ("simt", "gemv", "dequant_blas"):
                 ops.gemm_4bit(A, w, bias, impl)
     torch.cuda.synchronize()
@@ -150,7 +149,7 @@ def bench_cmd(args) -> int:
         del W
         peer = int4_peer(N, K)
         for M, dname in itertools.product(args.m, args.dtypes):
-            dtype = DT[dname]
+            dtype = ops.DTYPES[dname]
             A = torch.randn(M, K, device=dev).to(dtype)
             ref = reference_gpu(A, w, None)
             for impl in ops.IMPLS:
