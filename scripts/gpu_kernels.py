@@ -3,6 +3,9 @@
     python scripts/gpu_kernels.py check      # every impl vs the float64 reference, outputs poisoned first
     python scripts/gpu_kernels.py sanitize   # a few small shapes, to run under compute-sanitizer
     python scripts/gpu_kernels.py bench      # issue-3 benchmark: all impls + torch int4 peer, interleaved rounds
+    python scripts/gpu_kernels.py bench --variant v2=.exp/v2   # also time simt/gemv built from another kernels/
+    python scripts/gpu_kernels.py profile    # each simt case once after a warm-up, to run under ncu
+    python scripts/gpu_kernels.py configs    # every simt launch configuration (R, MT) over N, K and M
 
 Results go to $OUT (or ./gpu_out) as CSV; a short table is printed last.
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from q4lab import bench, formats, ops  # noqa: E402
+from q4lab import bench, formats, kernels, ops  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "gpu_out"))
 # ||out - ref|| / ||ref|| bounds. simt/gemv accumulate in fp32 from exact fp32 weights, so only the output
@@ -125,6 +128,31 @@ def sanitize(args) -> int:
     return 0
 
 
+def variant_libraries(specs: list[str]) -> dict[str, object]:
+    """NAME=DIR -> the kernel library built from DIR (another version of kernels/), for side-by-side timing."""
+    libs, home = {}, kernels.KERNEL_DIR
+    for spec in specs:
+        name, _, folder = spec.partition("=")
+        kernels.KERNEL_DIR = Path(folder).resolve()
+        try:
+            libs[name] = kernels.open_library(kernels.build((kernels.gpu_arch(),)))
+        finally:
+            kernels.KERNEL_DIR = home
+    return libs
+
+
+def with_library(lib, fn):
+    """fn run with the kernel library swapped for `lib` (ops looks the library up on every call)."""
+    def call():
+        saved = kernels.library
+        kernels.library = lambda: lib
+        try:
+            fn()
+        finally:
+            kernels.library = saved
+    return call
+
+
 def int4_peer(N: int, K: int, group: int = 64):
     """torch's int4 weight-only kernel (what torchao's int4 uses), on random codes; bf16 activations."""
     codes = torch.randint(0, 16, (N, K), dtype=torch.int32, device="cuda")
@@ -141,6 +169,7 @@ def bench_cmd(args) -> int:
     gbps, launch = bench.device_gbps(dev), bench.launch_us(dev)
     print(f"{facts['device']} {facts['arch']}  read {gbps:.0f} GB/s  launch {launch:.2f} us")
     avail = ops.available_impls(dev)
+    variants = variant_libraries(args.variant)
     shapes = [(int(s.split("x")[0]), int(s.split("x")[1])) for s in args.shapes.split(",")]
     items = []  # (label, N, K, M, dtype, impl, fn, bytes)
     for N, K in shapes:
@@ -165,6 +194,13 @@ def bench_cmd(args) -> int:
                 if err > tol:
                     print(f"WRONG {impl} {N}x{K} M={M} {dname}: {err:.2e}")
                 items.append((f"{N}x{K}", N, K, M, dname, impl, fn, ops.impl_bytes(impl, w, M, dtype)))
+            for (name, lib), impl in itertools.product(variants.items(), KERNEL_IMPLS):
+                out = torch.empty(M, N, dtype=dtype, device=dev)
+                fn = with_library(lib, lambda A=A, w=w, impl=impl, out=out: ops.gemm_4bit(A, w, None, impl, out=out))
+                fn()
+                if rel_err(out, ref) > TOL[dname]:
+                    print(f"WRONG {impl}@{name} {N}x{K} M={M} {dname}")
+                items.append((f"{N}x{K}", N, K, M, dname, f"{impl}@{name}", fn, ops.impl_bytes(impl, w, M, dtype)))
             if args.configs and dname == "bf16":
                 for R, MT in ((1, 1), (2, 1), (4, 1)) if M == 1 else ((4, 8), (2, 8), (1, 8), (4, 4), (2, 4)):
                     out = torch.empty(M, N, dtype=dtype, device=dev)
@@ -197,7 +233,7 @@ def bench_cmd(args) -> int:
     (OUT / "bench.csv").write_text("\n".join(lines) + "\n")
     print(f"\n{facts['device']}: read {gbps:.0f} GB/s, launch {launch:.2f} us; time_us (spread) [bw frac]")
     impls = ["simt", "gemv", "dequant_blas", "dense", "bnb", "torch_int4"]
-    impls += sorted({it[5] for it in items if it[5].startswith("simt_r")})
+    impls += sorted({it[5] for it in items if it[5].startswith("simt_r") or "@" in it[5]})
     for dname in args.dtypes:
         print(f"\n{dname:>5} {'shape':>12} {'M':>3} " + " ".join(f"{i:>18}" for i in impls) + "  model_us")
         for label, M in itertools.product(dict.fromkeys(it[0] for it in items), args.m):
@@ -210,19 +246,66 @@ def bench_cmd(args) -> int:
     return 0
 
 
+def profile(args) -> int:
+    """Each (shape, M, dtype) simt call twice: ncu -k regex:q4_gemm --launch-skip 1 profiles the second."""
+    dev = torch.device("cuda")
+    for s, M, dname in itertools.product(args.shapes.split(","), args.m, args.dtypes):
+        N, K = (int(x) for x in s.split("x"))
+        w = formats.quantize(torch.randn(N, K, device=dev, dtype=torch.float16), "nf4", 64, False)
+        A = torch.randn(M, K, device=dev).to(ops.DTYPES[dname])
+        for _ in range(2):
+            ops.gemm_4bit(A, w, None, "simt")
+        torch.cuda.synchronize()
+        print(f"profiled simt {N}x{K} M={M} {dname}")
+    return 0
+
+
+SIMT_CONFIGS = [(R, MT) for R in (1, 2, 4) for MT in (1, 2, 4, 8)]
+
+
+def configs(args) -> int:
+    """Every (rows per warp R, activation rows per block MT) over a grid of N, K and M, bf16: the data the
+    launch rule (q4_simt_config) is fitted to. `auto` is the rule's own choice."""
+    dev = torch.device("cuda")
+    lines = ["N,K,M,config,time_us"]
+    for K in args.k:
+        for N in args.n:
+            w = formats.quantize(torch.randn(N, K, device=dev, dtype=torch.float16), "nf4", 64, False)
+            for M in args.m:
+                A = torch.randn(M, K, device=dev).to(torch.bfloat16)
+                out = torch.empty(M, N, dtype=A.dtype, device=dev)
+                times = {}
+                for R, MT in [(0, 0), *SIMT_CONFIGS]:
+                    fn = (lambda R=R, MT=MT: ops.simt_gemm(A, w, rows_per_warp=R, m_tile=MT, out=out))
+                    times["auto" if R == 0 else f"r{R}m{MT}"] = bench.time_call(fn, device=dev, budget_s=args.budget_s).time_us
+                lines += [f"{N},{K},{M},{c},{t:.2f}" for c, t in times.items()]
+                best = min((t, c) for c, t in times.items() if c != "auto")
+                print(f"N={N:>6} K={K:>6} M={M:>3}  best {best[1]} {best[0]:8.1f} us  auto {times['auto']:8.1f} us "
+                      f"({times['auto'] / best[0]:.2f}x)", flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "configs.csv").write_text("\n".join(lines) + "\n")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("check", "sanitize", "bench"))
+    p.add_argument("what", choices=("check", "sanitize", "bench", "profile", "configs"))
     p.add_argument("--shapes", default="28672x8192,128256x4096,8192x8192,4096x4096,1024x4096")
-    p.add_argument("--m", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    p.add_argument("--m", type=ints, default=[1, 8])
+    p.add_argument("--n", type=ints, default=[512, 1024, 2048, 3072, 4096, 6144, 8192, 16384], help="configs: N values")
+    p.add_argument("--k", type=ints, default=[4096, 14336], help="configs: K values")
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["bf16", "fp16", "fp32"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=0.2)
     p.add_argument("--all-fp32", action="store_true", help="time every impl in fp32, not only simt")
     p.add_argument("--configs", action="store_true", help="also time simt launch configurations (bf16)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
+                   help="also time simt and gemv built from the kernel sources in DIR, as simt@NAME")
     args = p.parse_args()
     t0 = time.time()
-    rc = {"check": check, "sanitize": sanitize, "bench": bench_cmd}[args.what](args)
+    rc = {"check": check, "sanitize": sanitize, "bench": bench_cmd, "profile": profile,
+          "configs": configs}[args.what](args)
     print(f"[{args.what}: {time.time() - t0:.0f} s]")
     return rc
 
