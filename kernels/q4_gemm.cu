@@ -168,17 +168,27 @@ static int q4_sm_count() {
 
 extern "C" {
 
-// Rows per warp for the simt kernel: the most reuse (R=4) whose grid still gives every SM/CU two blocks.
-int q4_simt_rows_per_warp(int N, int sm_count) {
-  if (N >= 2 * sm_count * Q4_WARPS * 4) return 4;
-  if (N >= 2 * sm_count * Q4_WARPS * 2) return 2;
-  return 1;
+// The simt launch configuration: the most reuse R*MT (rows per warp times activation rows per block)
+// whose grid still gives every SM/CU at least one block; ties go to more rows per warp. MT never exceeds
+// M rounded up to a power of two. Fitted on an H100 sweep of every (R, MT) over N 512..16384, K 4096 and
+// 14336, M 1..64 (docs/bench/h100_2026-11-26_simt_configs.csv): within 1.005x of the best configuration
+// (geometric mean; worst 1.06x), where the earlier rule (R from N alone) was 1.23x off and 2.9x at worst.
+void q4_simt_config(int N, int M, int sm_count, int* rows_per_warp, int* m_tile) {
+  const int mt_max = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8;
+  long best_blocks = -1;
+  int best_reuse = 0;
+  for (int R = 4; R >= 1; R /= 2)
+    for (int MT = mt_max; MT >= 1; MT /= 2) {
+      const long blocks = (long)((N + Q4_WARPS * R - 1) / (Q4_WARPS * R)) * ((M + MT - 1) / MT);
+      const bool fills = blocks >= sm_count, best_fills = best_blocks >= sm_count;
+      // Filling the GPU first; then more reuse; a grid that cannot fill it takes the most blocks.
+      const bool better = fills ? !best_fills || R * MT > best_reuse : !best_fills && blocks > best_blocks;
+      if (better) *rows_per_warp = R, *m_tile = MT, best_blocks = blocks, best_reuse = R * MT;
+    }
 }
 
-int q4_simt_m_tile(int M) { return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8; }
-
-// impl 0 = simt, 1 = gemv. rows_per_warp/m_tile > 0 override the simt launch heuristic (for exploring
-// configurations: R in {1,2,4}, MT in {1,2,4,8}); 0 picks them as q4_simt_rows_per_warp/q4_simt_m_tile do.
+// impl 0 = simt, 1 = gemv. rows_per_warp/m_tile > 0 override the simt launch configuration (for exploring:
+// R in {1,2,4}, MT in {1,2,4,8}); 0 takes q4_simt_config's choice.
 int q4_gemm(int impl, int dtype, int nested, const void* A, const uint8_t* packed, const void* absmax,
             const float* nested_absmax, const float* nested_code, float nested_offset, const float* code,
             const void* bias, void* out, int M, int N, int K, int blocksize, int rows_per_warp, int m_tile,
@@ -189,8 +199,10 @@ int q4_gemm(int impl, int dtype, int nested, const void* A, const uint8_t* packe
     return (int)q4_dispatch_all(dtype, nested, A, w, bias, out, M, 1, 1, M, s);
   static int sms = 0;
   if (sms == 0) sms = q4_sm_count();
-  const int R = rows_per_warp > 0 ? rows_per_warp : q4_simt_rows_per_warp(N, sms > 0 ? sms : 1);
-  const int MT = m_tile > 0 ? m_tile : q4_simt_m_tile(M);
+  int R, MT;
+  q4_simt_config(N, M, sms > 0 ? sms : 1, &R, &MT);
+  if (rows_per_warp > 0) R = rows_per_warp;
+  if (m_tile > 0) MT = m_tile;
   return (int)q4_dispatch_all(dtype, nested, A, w, bias, out, M, R, MT, (M + MT - 1) / MT, s);
 }
 

@@ -30,7 +30,7 @@ POINT = (*CONFIG, "shape", "family", "N", "K", "M")
 
 # ---------------------------------------------------------------------------------------------------------
 # Wave quantization: the fused SIMT kernel's launch geometry, mirrored from kernels/q4_gemm.cu
-# (q4_simt_rows_per_warp, q4_simt_m_tile, Q4_WARPS). It only feeds the "wave_tail" label.
+# (q4_simt_config, Q4_WARPS). It only feeds the "wave_tail" label.
 SIMT_WARPS_PER_BLOCK = 4
 # arch -> (SM/CU count, resident SIMT blocks per SM/CU). Counts are the full parts' (H100 SXM: 132 SMs;
 # H100 PCIe has 114: pass sm_count=114). Blocks per SM: the register-limited residency of the M=1 kernel
@@ -47,11 +47,15 @@ ARCH_GEOMETRY = {
 
 
 def simt_launch(N: int, M: int, sm_count: int = 132) -> tuple[int, int]:
-    """(rows per warp, activation rows per block) the simt launcher picks for this shape."""
-    warps = SIMT_WARPS_PER_BLOCK
-    rows_per_warp = 4 if N >= 2 * sm_count * warps * 4 else 2 if N >= 2 * sm_count * warps * 2 else 1
-    m_tile = 1 if M <= 1 else 2 if M <= 2 else 4 if M <= 4 else 8
-    return rows_per_warp, m_tile
+    """(rows per warp R, activation rows per block MT) the simt launcher picks (`q4_simt_config`): the most
+    reuse R*MT whose grid gives every SM a block, ties to the larger R; the most blocks when none does."""
+    mt_max = 1 if M <= 1 else 2 if M <= 2 else 4 if M <= 4 else 8
+    configs = [(R, MT) for R in (4, 2, 1) for MT in (8, 4, 2, 1) if MT <= mt_max]
+    blocks = {c: math.ceil(N / (SIMT_WARPS_PER_BLOCK * c[0])) * math.ceil(M / c[1]) for c in configs}
+    filling = [c for c in configs if blocks[c] >= sm_count]
+    if filling:
+        return max(filling, key=lambda c: c[0] * c[1])  # max keeps the first of equals: the larger R
+    return max(configs, key=lambda c: blocks[c])
 
 
 def simt_grid(N: int, M: int, sm_count: int = 132) -> int:

@@ -161,8 +161,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q4_gemm.restype = i
     lib.q4_dequantize.argtypes = [i, i, p, p, p, p, f, p, p, i, i, i, p]
     lib.q4_dequantize.restype = i
-    lib.q4_simt_rows_per_warp.argtypes = [i, i]
-    lib.q4_simt_m_tile.argtypes = [i]
+    lib.q4_simt_config.argtypes = [i, i, i, ctypes.POINTER(i), ctypes.POINTER(i)]
+    lib.q4_simt_config.restype = None
     for name in ("q4_source_hash", "q4_targets"):
         getattr(lib, name).restype = ctypes.c_char_p
     lib.q4_error_string.argtypes = [i]
@@ -202,6 +202,14 @@ def library() -> ctypes.CDLL:
         raise KernelError(f"{path} was built from kernel sources {built_from}, but kernels/ is now "
                           f"{source_hash()}: run `q4lab build --force` (or point Q4LAB_LIB at a fresh build)")
     return lib
+
+
+def simt_config(lib: ctypes.CDLL, N: int, M: int, sm_count: int) -> tuple[int, int]:
+    """(rows per warp, activation rows per block) the library's simt launcher picks; plain host code, so
+    it answers without a GPU."""
+    rows_per_warp, m_tile = ctypes.c_int(), ctypes.c_int()
+    lib.q4_simt_config(N, M, sm_count, ctypes.byref(rows_per_warp), ctypes.byref(m_tile))
+    return rows_per_warp.value, m_tile.value
 
 
 def check(err: int) -> None:

@@ -159,9 +159,11 @@ def test_family_bookkeeping_on_the_gfx1201_sweep(df):
 
 
 def test_wave_model():
-    # 16 rows a block (4 warps x 4 rows) from N=4224 on 132 SMs, 8 rows from 2112, 4 below; M tiles of 8
+    # the most reuse that still gives each of 132 SMs a block: 16 rows a block (4 warps x 4 rows) and M
+    # tiles of 8 where N and M allow; N=1024 at M=1 needs 4 rows a block to reach 132 blocks
     assert analysis.simt_grid(9216, 1) == 576 and analysis.simt_grid(9216, 64) == 576 * 8
-    assert analysis.simt_grid(2500, 3) == 313 and analysis.simt_grid(1024, 1) == 256
+    assert analysis.simt_grid(2500, 3) == 157 and analysis.simt_grid(1024, 1) == 256
+    assert analysis.simt_launch(1024, 8) == (4, 2) and analysis.simt_launch(512, 1) == (1, 1)
     assert analysis.wave_efficiency(1056, 132, 8) == 1.0
     assert analysis.wave_efficiency(1152, 132, 8) == pytest.approx((1152 / 1056) / 2)
     assert analysis.wave_efficiency(66, 132, 8) == 0.5  # half the SMs idle

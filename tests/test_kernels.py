@@ -2,6 +2,7 @@
 kernel for AMD targets and the fused kernel's gfx1100 reduction uses DPP; every failure says what to do."""
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -37,12 +38,12 @@ def test_nvcc_builds_the_library_for_the_ci_archs_and_it_loads_without_a_gpu(cud
     assert lib.q4_source_hash().decode() == kernels.source_hash()
     assert lib.q4_warp_size() == 32
     # the launch heuristics are plain host code in the library: callable without a GPU
-    assert lib.q4_simt_m_tile(1) == 1 and lib.q4_simt_m_tile(3) == 4 and lib.q4_simt_m_tile(2048) == 8
-    assert lib.q4_simt_rows_per_warp(28672, 132) == 4 and lib.q4_simt_rows_per_warp(1024, 132) == 1
+    assert kernels.simt_config(lib, 28672, 8, 132) == (4, 8) and kernels.simt_config(lib, 1024, 1, 132) == (1, 1)
     # the wave model in analysis mirrors the launcher
     from q4lab import analysis
-    for N, M, sms in [(512, 1, 132), (2112, 3, 132), (4223, 8, 132), (4224, 9, 132), (9216, 64, 108)]:
-        assert analysis.simt_launch(N, M, sms) == (lib.q4_simt_rows_per_warp(N, sms), lib.q4_simt_m_tile(M))
+    for N, M, sms in itertools.product((1, 37, 512, 1024, 2112, 3072, 4223, 4224, 9216, 128256),
+                                       (1, 2, 3, 5, 8, 9, 64, 2048), (108, 132, 304)):
+        assert analysis.simt_launch(N, M, sms) == kernels.simt_config(lib, N, M, sms), (N, M, sms)
 
 
 def test_a_second_build_reuses_the_cached_library(cuda_library, monkeypatch):
