@@ -330,15 +330,18 @@ def _now() -> str:
 
 
 def _git_commit() -> str:
-    """HEAD of the checkout q4lab runs from, "-dirty" when tracked files differ. Outside a checkout (a
-    copy of the tree on a GPU machine) the environment's Q4LAB_GIT_COMMIT, else "unknown"."""
+    """The environment's Q4LAB_GIT_COMMIT when set (a copy of the tree on a GPU machine may carry a stale
+    .git whose HEAD is not what was sent), else HEAD of the checkout q4lab runs from, "-dirty" when
+    tracked files differ, else "unknown"."""
+    if os.environ.get("Q4LAB_GIT_COMMIT"):
+        return os.environ["Q4LAB_GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("Q4LAB_GIT_COMMIT") or "unknown"
+        return "unknown"
     return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 

@@ -247,7 +247,10 @@ def test_correct_impls_pass_the_check_for_every_format(tmp_path, fake_clock, qua
     assert len(checks) == frame.height and max(r["error"] for r in checks) < 1e-2
 
 
-def test_git_commit_of_a_copy_without_git_comes_from_the_environment(monkeypatch):
+def test_git_commit_comes_from_the_environment_first_then_the_checkout(monkeypatch):
+    monkeypatch.setenv("Q4LAB_GIT_COMMIT", "0123abc")
+    assert sweep._git_commit() == "0123abc"  # wins over a checkout's (possibly stale) HEAD
+    monkeypatch.delenv("Q4LAB_GIT_COMMIT")
     head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:  # in a checkout
         assert sweep._git_commit().split("-")[0] == head.stdout.strip()
@@ -256,10 +259,7 @@ def test_git_commit_of_a_copy_without_git_comes_from_the_environment(monkeypatch
         raise subprocess.CalledProcessError(128, args[0])
 
     monkeypatch.setattr(sweep.subprocess, "run", no_git)
-    monkeypatch.delenv("Q4LAB_GIT_COMMIT", raising=False)
     assert sweep._git_commit() == "unknown"
-    monkeypatch.setenv("Q4LAB_GIT_COMMIT", "0123abc")
-    assert sweep._git_commit() == "0123abc"
 
 
 # --- identities ----------------------------------------------------------------------------------------
@@ -479,3 +479,10 @@ def test_shipped_dataset_was_measured_with_the_current_kernels(path):
     assert measured == {kernels.source_hash()}, (
         f"{path.name} was measured with kernels {sorted(measured)}, but kernels/ is now {kernels.source_hash()}: "
         f"re-measure it on a GPU (commands in data/README.md) so the shipped data describes the shipped kernels")
+
+
+def test_auto_dispatch_thresholds_are_the_ones_the_shipped_h100_grid_fits():
+    from q4lab import analysis, ops
+    summary = analysis.crossover_summary(dataset.load(REPO / "data" / "h100_mgrid.parquet"))
+    fitted = dict(summary.select("dtype", "threshold_m").iter_rows())
+    assert fitted == ops.AUTO_SIMT_MAX_M, "re-fit q4lab.ops.AUTO_SIMT_MAX_M (and README) to the shipped grid"
