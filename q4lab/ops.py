@@ -8,7 +8,7 @@
 | dense        | the unquantized weight through BLAS                         | GPU, CPU     |
 | bnb          | bitsandbytes' matmul_4bit on the same packed weight         | where bitsandbytes runs |
 | reference    | float64 on the CPU                                          | CPU          |
-| auto         | simt up to AUTO_SIMT_MAX_M rows, dequant_blas above         | GPU (CPU: dequant_blas) |
+| auto         | simt up to AUTO_SIMT_MAX_M[dtype] rows, dequant_blas above  | GPU (CPU: dequant_blas) |
 """
 from __future__ import annotations
 
@@ -22,12 +22,13 @@ from q4lab.formats import Q4Weight
 IMPLS = ("simt", "gemv", "dequant_blas", "dense", "bnb", "reference")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # kernels/q4_port.h Q4_F16..Q4_F32
+_DTYPE_NAME = {dtype: name for name, dtype in DTYPES.items()}
 _KERNEL_IMPL = {"simt": 0, "gemv": 1}
 
-# impl="auto" uses simt for M <= this many rows, dequant_blas above: the dispatch threshold that
-# analysis.crossover_summary fits to data/h100_mgrid.parquet (H100, NF4/64: 8 for fp16, bf16 and fp32;
-# the median crossovers are 10.1, 10.3 and 11.4 rows). Another device's sweep fits its own; set this module attribute to use it.
-AUTO_SIMT_MAX_M = 8
+# impl="auto" uses simt for M <= AUTO_SIMT_MAX_M[activation dtype] rows, dequant_blas above: the dispatch
+# thresholds analysis.crossover_summary fits to data/h100_mgrid.parquet (H100, NF4/64; median crossovers
+# 11.5, 11.5 and 17.0 rows). Another device's sweep fits its own; assign this dict to use them.
+AUTO_SIMT_MAX_M = {"fp16": 8, "bf16": 8, "fp32": 16}
 
 # Per-weight caches (dense copies, bitsandbytes' QuantState), keyed by the packed tensor's id and dropped
 # when that tensor is freed (tensors compare elementwise, so they cannot be dict keys themselves).
@@ -189,7 +190,7 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
         raise ValueError(f"out must be a contiguous [{M}, {w.N}] {A.dtype} tensor on {A.device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     if impl == "auto":  # the GPU dispatch; on a CPU only dequant_blas of the quantized impls runs
-        impl = "simt" if A2.is_cuda and M <= AUTO_SIMT_MAX_M else "dequant_blas"
+        impl = "simt" if A2.is_cuda and M <= AUTO_SIMT_MAX_M[_DTYPE_NAME[A2.dtype]] else "dequant_blas"
     if impl in _KERNEL_IMPL or (impl == "dequant_blas" and A2.is_cuda):
         reason = _kernel_unavailable_reason(A2.device)
         if reason:
