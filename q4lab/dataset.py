@@ -67,6 +67,8 @@ class DatasetError(ValueError):
 def resolve(data) -> list[Path]:
     """Expand a path, a glob, or a list of them into existing files; a pattern matching nothing is an error."""
     items = [data] if isinstance(data, (str, Path)) else list(data)
+    if not items:
+        raise DatasetError("no dataset given: name at least one (a parquet path, a glob, or a list of them)")
     paths: list[Path] = []
     for item in items:
         matches = sorted(_glob.glob(str(item))) if any(c in str(item) for c in "*?[") else [str(item)]

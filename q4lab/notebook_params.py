@@ -86,8 +86,6 @@ def resolve(data) -> list[Path]:
     notebook opened in JupyterLab runs in notebooks/), and a message saying what to do when nothing is
     there."""
     items = [data] if isinstance(data, (str, Path)) else list(data)
-    if not items:
-        raise dataset.DatasetError("data = []: name at least one dataset (a parquet path or glob)")
     found = []
     for item in items:
         path = Path(item)

@@ -143,6 +143,8 @@ def test_the_default_data_with_no_dataset_says_what_to_do(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(dataset.DatasetError, match=r"no dataset matches 'data/\*.parquet'.*`q4lab sweep`.*data=PATH"):
         nbp.load("data/*.parquet")
+    with pytest.raises(dataset.DatasetError, match="no dataset given: name at least one"):
+        nbp.load([])
 
 
 def test_relative_data_is_also_found_from_the_repository_root(synthetic, tmp_path, monkeypatch):
