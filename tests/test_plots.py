@@ -96,6 +96,14 @@ def test_resonance_plot_colours_flagged_n_by_family(df):
     assert "residual vs trend" in next(t for t in fig.data if t.name == "flagged: mult_2048").hovertemplate
 
 
+def test_shape_curves_draw_an_impl_per_line_with_the_legend_under_the_plot(df):
+    fig = plots.shape_curves(df.filter(pl.col("shape") == "llama-3-8b.q_proj", pl.col("dtype") == "fp16"))
+    names = {t.name for t in fig.data}
+    assert names == {f"{i} · {d}" for i, d in df.filter(pl.col("shape") == "llama-3-8b.q_proj")
+                     .select("impl", "device").unique().iter_rows()}
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0  # not beside it, eating width
+
+
 def test_offline_renderer_emits_html_without_network_and_plotly_json(df):
     fig = plots.shape_curves(df.filter(pl.col("shape") == "llama-3-8b.q_proj"), "one shape")
     bundle = plots.OfflineRenderer().to_mimebundle(fig.to_dict())
