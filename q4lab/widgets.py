@@ -35,12 +35,12 @@ class ShapeProber:
                              "measure with `q4lab sweep` or pass data=PATH")
         data_impls = sorted(self.frame["impl"].unique().to_list())
         ms = sorted(set(self.frame["M"].to_list()) | (set(LIVE_MS) if self.live else set()))
-        n_max = max([*self.frame["N"].to_list(), N, 32768 if self.live else 0])
-        k_max = max([*self.frame["K"].to_list(), K, 32768 if self.live else 0])
+        n_max = max([*self.frame["N"].to_list(), N, 32768])
+        k_max = max([*self.frame["K"].to_list(), K, 32768])
         devices = sorted(self.frame["device"].unique().to_list())
         self.controls = {
-            "N": W.IntSlider(value=N, min=64, max=n_max, step=64, description="N", continuous_update=False),
-            "K": W.IntSlider(value=K, min=64, max=k_max, step=64, description="K", continuous_update=False),
+            "N": self._size_slider("N", N, n_max),
+            "K": self._size_slider("K", K, k_max),
             "M": W.SelectionRangeSlider(options=ms, index=(0, len(ms) - 1), description="M range",
                                         continuous_update=False),
             "dtype": W.Dropdown(options=self._options("dtype", ("fp16", "bf16", "fp32")), value=dtype,
@@ -60,6 +60,14 @@ class ShapeProber:
         self.widget = W.VBox([W.HBox([c["N"], c["K"], c["M"]]), W.HBox([c["dtype"], c["quant_type"], c["device"]]),
                               c["impls"], self.status, self.figure])
         self.update()
+
+    def _size_slider(self, name: str, value: int, live_max: int):
+        """Live: any multiple of 64 up to live_max, measured on request. From data: only the sizes the data
+        has (and the requested one), so every step of the slider lands on a measured N or K."""
+        if self.live:
+            return W.IntSlider(value=value, min=64, max=live_max, step=64, description=name, continuous_update=False)
+        sizes = sorted(set(self.frame[name].to_list()) | {value})
+        return W.SelectionSlider(options=sizes, value=value, description=name, continuous_update=False)
 
     def _options(self, column: str, live_options: tuple) -> list:
         return sorted(set(self.frame[column].to_list()) | (set(live_options) if self.live else set()))

@@ -38,18 +38,22 @@ def test_moving_n_redraws_with_the_new_shape(prober):
     assert set(after) == set(before) and all(after[name][1] != before[name][1] for name in after)
 
 
-def test_an_unmeasured_shape_shows_the_nearest_one_and_says_so(prober):
-    prober.controls["N"].value = 4032
-    prober.controls["K"].value = 3520
+def test_from_data_the_size_sliders_step_through_the_measured_sizes(prober, df):
+    grid = df.filter(pl.col("sweep") == "grid")
+    assert list(prober.controls["N"].options) == sorted(set(grid["N"].to_list()))
+    assert list(prober.controls["K"].options) == sorted(set(grid["K"].to_list()))
+
+
+def test_an_unmeasured_shape_shows_the_nearest_one_and_says_so(df):
+    prober = widgets.ShapeProber(df, N=4032, K=3520)  # the requested sizes join the sliders' options
     assert prober.status.value == ("nearest measured shape: gemma-2-9b.q_proj (N=4096, K=3584); "
                                    "N=4032, K=3520 was not measured")
 
 
 def test_moving_n_alone_keeps_k_when_that_k_was_measured(prober):
-    prober.controls["K"].value = 4096
-    prober.controls["N"].value = 20000
+    prober.controls["N"].value = 18944  # measured with K=3584 only
     assert prober.status.value.startswith("nearest measured shape: ")
-    assert ", K=4096); N=20000, K=4096 was not measured" in prober.status.value
+    assert ", K=4096); N=18944, K=4096 was not measured" in prober.status.value
 
 
 def test_impls_device_dtype_and_m_range_filter_the_curves(prober, df):
@@ -102,6 +106,7 @@ def test_live_on_a_gpu_measures_the_requested_shape_once(df, monkeypatch):
     prober = widgets.ShapeProber(df.filter(pl.col("device") == H100), live=True, N=5000, K=4096,
                                  impls=["simt", "dequant_blas"])
     assert calls == [(5000, 4096, ["dequant_blas", "simt"])]
+    assert (prober.controls["N"].min, prober.controls["N"].step) == (64, 64)  # live: any N, measured on request
     assert prober.status.value == "n5000_k4096 (N=5000, K=4096): measured"
     prober.controls["device"].value = H100  # a redraw with nothing new to measure
     assert len(calls) == 1
