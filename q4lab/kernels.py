@@ -204,14 +204,6 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-def simt_config(lib: ctypes.CDLL, N: int, M: int, sm_count: int) -> tuple[int, int]:
-    """(rows per warp, activation rows per block) the library's simt launcher picks; plain host code, so
-    it answers without a GPU."""
-    rows_per_warp, m_tile = ctypes.c_int(), ctypes.c_int()
-    lib.q4_simt_config(N, M, sm_count, ctypes.byref(rows_per_warp), ctypes.byref(m_tile))
-    return rows_per_warp.value, m_tile.value
-
-
 def check(err: int) -> None:
     if err != 0:
         msg = library().q4_error_string(err).decode()

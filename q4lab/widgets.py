@@ -35,12 +35,10 @@ class ShapeProber:
                              "measure with `q4lab sweep` or pass data=PATH")
         data_impls = sorted(self.frame["impl"].unique().to_list())
         ms = sorted(set(self.frame["M"].to_list()) | (set(LIVE_MS) if self.live else set()))
-        n_max = max([*self.frame["N"].to_list(), N, 32768])
-        k_max = max([*self.frame["K"].to_list(), K, 32768])
         devices = sorted(self.frame["device"].unique().to_list())
         self.controls = {
-            "N": self._size_slider("N", N, n_max),
-            "K": self._size_slider("K", K, k_max),
+            "N": self._size_slider("N", N),
+            "K": self._size_slider("K", K),
             "M": W.SelectionRangeSlider(options=ms, index=(0, len(ms) - 1), description="M range",
                                         continuous_update=False),
             "dtype": W.Dropdown(options=self._options("dtype", ("fp16", "bf16", "fp32")), value=dtype,
@@ -61,12 +59,13 @@ class ShapeProber:
                               c["impls"], self.status, self.figure])
         self.update()
 
-    def _size_slider(self, name: str, value: int, live_max: int):
-        """Live: any multiple of 64 up to live_max, measured on request. From data: only the sizes the data
-        has (and the requested one), so every step of the slider lands on a measured N or K."""
-        if self.live:
-            return W.IntSlider(value=value, min=64, max=live_max, step=64, description=name, continuous_update=False)
+    def _size_slider(self, name: str, value: int):
+        """Live: any multiple of 64 up to 32768 (or the data's largest), measured on request. From data: only
+        the sizes the data has (and the requested one), so every step lands on a measured N or K."""
         sizes = sorted(set(self.frame[name].to_list()) | {value})
+        if self.live:
+            return W.IntSlider(value=value, min=64, max=max(sizes[-1], 32768), step=64, description=name,
+                               continuous_update=False)
         return W.SelectionSlider(options=sizes, value=value, description=name, continuous_update=False)
 
     def _options(self, column: str, live_options: tuple) -> list:

@@ -201,14 +201,6 @@ def bench_cmd(args) -> int:
                 if rel_err(out, ref) > TOL[dname]:
                     print(f"WRONG {impl}@{name} {N}x{K} M={M} {dname}")
                 items.append((f"{N}x{K}", N, K, M, dname, f"{impl}@{name}", fn, ops.impl_bytes(impl, w, M, dtype)))
-            if args.configs and dname == "bf16":
-                for R, MT in ((1, 1), (2, 1), (4, 1)) if M == 1 else ((4, 8), (2, 8), (1, 8), (4, 4), (2, 4)):
-                    out = torch.empty(M, N, dtype=dtype, device=dev)
-                    fn = (lambda A=A, w=w, R=R, MT=MT, out=out: ops.simt_gemm(A, w, rows_per_warp=R, m_tile=MT, out=out))
-                    fn()
-                    if rel_err(out, ref) > TOL[dname]:
-                        print(f"WRONG simt R={R} MT={MT} {N}x{K} M={M}")
-                    items.append((f"{N}x{K}", N, K, M, dname, f"simt_r{R}m{MT}", fn, ops.impl_bytes("simt", w, M, dtype)))
             if dname == "bf16":
                 items.append((f"{N}x{K}", N, K, M, dname, "torch_int4", lambda A=A, f=peer: f(A),
                               ops.impl_bytes("simt", w, M, dtype)))
@@ -233,7 +225,7 @@ def bench_cmd(args) -> int:
     (OUT / "bench.csv").write_text("\n".join(lines) + "\n")
     print(f"\n{facts['device']}: read {gbps:.0f} GB/s, launch {launch:.2f} us; time_us (spread) [bw frac]")
     impls = ["simt", "gemv", "dequant_blas", "dense", "bnb", "torch_int4"]
-    impls += sorted({it[5] for it in items if it[5].startswith("simt_r") or "@" in it[5]})
+    impls += sorted({it[5] for it in items if "@" in it[5]})
     for dname in args.dtypes:
         print(f"\n{dname:>5} {'shape':>12} {'M':>3} " + " ".join(f"{i:>18}" for i in impls) + "  model_us")
         for label, M in itertools.product(dict.fromkeys(it[0] for it in items), args.m):
@@ -299,7 +291,6 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=0.2)
     p.add_argument("--all-fp32", action="store_true", help="time every impl in fp32, not only simt")
-    p.add_argument("--configs", action="store_true", help="also time simt launch configurations (bf16)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                    help="also time simt and gemv built from the kernel sources in DIR, as simt@NAME")
     args = p.parse_args()
