@@ -3,39 +3,90 @@
 // One kernel, two impls:
 //  * simt: R output rows per warp and a tile of MT activation rows per block, so every decoded weight is
 //    used MT times (once per activation row) and every activation load R times (once per weight row).
-//    The launcher picks R so the grid still covers every SM, and MT from M.
+//    The launcher (q4_simt_config, below) picks R and MT.
 //  * gemv (the classic baseline): R = 1, MT = 1, one block row per activation row: one warp per output
 //    feature, no reuse across rows, M>1 re-reads and re-decodes the weights M times.
 //
-// Work split: a warp owns R consecutive weight rows and walks K in "slices" of 32 weights (16 bytes per
-// row, one per lane per step), so a slice never straddles an absmax block (blocksize >= 32).
+// Work split: a warp owns R consecutive weight rows and walks K in groups of G = 32 * Q4_WARP weights
+// (512 bytes a row on wave32), four 8-weight words per lane and row. Two lane layouts:
+//  * interleaved (simt): in step c of a group lane l decodes word c * Q4_WARP + l, so a step's lanes cover
+//    8 * Q4_WARP consecutive weights. Its weight words (4 bytes a lane) and its activations (8 a lane) are
+//    both contiguous across the warp: one activation load touches 4 cache lines (bf16; 8 for fp32) where
+//    the sliced layout touches 16 (32). The L1 data pipe, which the table lookups already keep at ~80% of
+//    its wavefronts, is what binds this kernel (docs/PERF.md, v6): on an H100 fp32 activations ran 1.4x
+//    faster at M=1 and 2.2x at M=8, bf16 1.1x at M=8, bf16 M=1 within +-5%.
+//    A lane's four words lie in four absmax blocks (blocksize < 1024), so each lane fetches one block's
+//    absmax of the group and the lanes trade them by shuffle.
+//  * sliced (gemv, the classic design): lane l owns the 16 contiguous bytes 16l..16l+15 of the group, one
+//    16-byte load, 32 weights inside one absmax block (blocksize >= 32).
 #include "q4_decode.h"
 
 constexpr int Q4_WARPS = 4;  // warps per block: 128 threads (256 on wave64) keeps 4+ blocks per SM/CU
 
-template <int DT, int R, int MT, bool NESTED>
-__global__ void __launch_bounds__(Q4_WARPS * Q4_WARP)
+// MT == 1 is held to 128 registers, 4 blocks (16 warps) an SM: left free, R=4 took 166 and 3 blocks, and
+// a 512-block grid (8192x8192) ran 1.3 waves instead of one (H100: 31.7 against 28.8 us).
+template <int DT, int R, int MT, bool NESTED, bool INTERLEAVED>
+__global__ void __launch_bounds__(Q4_WARPS * Q4_WARP, MT == 1 ? 4 : 1)
 q4_gemm_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ bias,
                void* __restrict__ out, int M) {
   __shared__ Q4Tables<NESTED> tables;
-  q4_load_tables(tables, w);
 
   const int lane = threadIdx.x % Q4_WARP;
   const int warp = threadIdx.x / Q4_WARP;
   const int n0 = (blockIdx.x * Q4_WARPS + warp) * R;
   const int m0 = blockIdx.y * MT;
   const int K = w.K;
-  const int slices = K / 32;
-  const long row_bytes = K / 2;
+  constexpr int G = 32 * Q4_WARP;  // weights a group
+  const int groups = (K + G - 1) / G;  // K % G != 0: the last group is partial
+  const int row_blocks = K >> w.blocksize_log2;
 
   // Rows past N/M are clamped to a valid row (loads stay in bounds) and dropped at the store.
   const uint8_t* wrow[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) wrow[r] = w.packed + (long)min(n0 + r, w.N - 1) * row_bytes;
+  for (int r = 0; r < R; ++r) wrow[r] = w.packed + (long)min(n0 + r, w.N - 1) * (K / 2);
   const char* arow[MT];
   const int act_bytes = DT == Q4_F32 ? 4 : 2;
 #pragma unroll
   for (int m = 0; m < MT; ++m) arow[m] = static_cast<const char*>(A) + (long)min(m0 + m, M - 1) * K * act_bytes;
+
+  // Interleaved: the absmax block lane l fetches for a group is the group's (l mod blocks-a-group)-th, and
+  // step c takes its own from lane src[c]. A group starts on a block boundary whenever blocksize <= G;
+  // a larger block covers the whole group (mask 0, src 0).
+  const int group_block_mask = max(G >> w.blocksize_log2, 1) - 1;
+  int src[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) src[c] = ((c * Q4_WARP + lane) * 8) >> w.blocksize_log2;
+
+  // Software pipeline, two stages: while a lane decodes U groups of R rows, the weight and absmax loads of
+  // its next U groups are already in flight (2*U*R*16 bytes a lane). Without it every iteration exposed a
+  // full DRAM latency, and only more warps per SM hid it.
+  constexpr int U = 2;
+  uint4 wq[U][R];
+  Q4Scale sc[U][R];
+  auto fetch = [&](int g0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int g = min(g0 + u, groups - 1);  // clamped: a valid address, the result unused
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        int b;
+        if constexpr (INTERLEAVED) {
+          // Four 4-byte words, Q4_WARP words apart: each load is one contiguous line across the warp.
+          const int first = g * (G / 8) + lane, last = K / 8 - 1;  // word indices in the row
+          const uint32_t* row = reinterpret_cast<const uint32_t*>(wrow[r]);
+          wq[u][r] = make_uint4(q4_load_stream4(row + min(first, last)),
+                                q4_load_stream4(row + min(first + Q4_WARP, last)),
+                                q4_load_stream4(row + min(first + 2 * Q4_WARP, last)),
+                                q4_load_stream4(row + min(first + 3 * Q4_WARP, last)));
+          b = ((g * G) >> w.blocksize_log2) + (lane & group_block_mask);
+        } else {
+          wq[u][r] = q4_load_stream16(wrow[r] + min(g * (G / 2) + 16 * lane, K / 2 - 16));
+          b = (g * G + 32 * lane) >> w.blocksize_log2;
+        }
+        sc[u][r] = q4_scale_load<NESTED>(w, (long)min(n0 + r, w.N - 1) * row_blocks + min(b, row_blocks - 1));
+      }
+    }
+  };
 
   float acc[R][MT];
 #pragma unroll
@@ -43,67 +94,54 @@ q4_gemm_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
 
-  // Software pipeline, two stages: while a lane decodes U slices of R rows, the 16-byte weight loads and
-  // absmax loads of its next U slices are already in flight (2*U*R*16 bytes a lane, 4 KB a warp at R=2,
-  // U=2). Without it every iteration exposed a full DRAM latency, and only more warps per SM hid it.
-  constexpr int U = 2;
-  constexpr int STEP = U * Q4_WARP;
-  uint4 wq[U][R];
-  Q4Scale sc[U][R];
-  auto fetch = [&](int s0) {
+  // One group of R rows: per step, R words decoded through the table, used by MT activation rows; the
+  // absmax scales each 8-weight partial sum. Past K (the last group when K % G != 0) the lanes keep in
+  // step on clamped loads, and the absmax block they fetched, past the row's last, reads as 0.
+  auto consume = [&](const uint4 (&cw)[R], const Q4Scale (&cs)[R], int g) {
+    const int fetched = INTERLEAVED ? ((g * G) >> w.blocksize_log2) + (lane & group_block_mask)
+                                    : (g * G + 32 * lane) >> w.blocksize_log2;
+    float mine[R];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int s = min(s0 + u * Q4_WARP, slices - 1);  // clamped: a valid address, the result unused
+    for (int r = 0; r < R; ++r) mine[r] = fetched < row_blocks ? q4_scale_value(tables, w, cs[r]) : 0.f;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int k = min(INTERLEAVED ? g * G + (c * Q4_WARP + lane) * 8 : g * G + lane * 32 + c * 8, K - 8);
+      float wv[R][8];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        wq[u][r] = q4_load_stream16(wrow[r] + s * 16);
-        sc[u][r] = q4_scale_load<NESTED>(w, ((long)min(n0 + r, w.N - 1) * K + s * 32) >> w.blocksize_log2);
+        const uint32_t word = c == 0 ? cw[r].x : c == 1 ? cw[r].y : c == 2 ? cw[r].z : cw[r].w;
+        q4_decode8(tables.code, word, wv[r]);
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        float a[8];
+        q4_load_act8<DT>(arow[m], k, a);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float part = wv[r][0] * a[0];
+#pragma unroll
+          for (int j = 1; j < 8; ++j) part = fmaf(wv[r][j], a[j], part);
+          acc[r][m] = fmaf(part, INTERLEAVED ? q4_shfl(mine[r], src[c]) : mine[r], acc[r][m]);
+        }
       }
     }
   };
-  fetch(lane);
-  for (int s0 = lane; s0 < slices; s0 += STEP) {
+
+  fetch(0);
+  q4_load_tables(tables, w);  // after the first weight loads are out, so its round trip hides under theirs
+  for (int g0 = 0; g0 < groups; g0 += U) {
     uint4 cw[U][R];
     Q4Scale cs[U][R];
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int r = 0; r < R; ++r) cw[u][r] = wq[u][r], cs[u][r] = sc[u][r];
-    if (s0 + STEP < slices) fetch(s0 + STEP);
+    if (g0 + U < groups) fetch(g0 + U);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int s = s0 + u * Q4_WARP;
-      if (s >= slices) break;
-      float part[R][MT];
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int m = 0; m < MT; ++m) part[r][m] = 0.f;
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {  // 8 weights (one 32-bit word per row) at a time bounds register use
-        float wv[R][8];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const uint32_t word = c == 0 ? cw[u][r].x : c == 1 ? cw[u][r].y : c == 2 ? cw[u][r].z : cw[u][r].w;
-          q4_decode8(tables.code, word, wv[r]);
-        }
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          float a[8];
-          q4_load_act8<DT>(arow[m], s * 32 + c * 8, a);
-#pragma unroll
-          for (int r = 0; r < R; ++r)
-#pragma unroll
-            for (int j = 0; j < 8; ++j) part[r][m] = fmaf(wv[r][j], a[j], part[r][m]);
-        }
-      }
-      // The absmax scales the slice's dot product once instead of each of its 32 weights.
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float scale = q4_scale_value(tables, w, cs[u][r]);
-#pragma unroll
-        for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(part[r][m], scale, acc[r][m]);
-      }
+      const int g = g0 + u;
+      if (g >= groups) break;
+      consume(cw[u], cs[u], g);
     }
   }
 
@@ -126,20 +164,21 @@ q4_gemm_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__
     }
 }
 
-template <int DT, int R, int MT, bool NESTED>
+template <int DT, int R, int MT, bool NESTED, bool INTERLEAVED>
 static q4_err_t q4_launch(const void* A, const Q4Weights& w, const void* bias, void* out, int M, int grid_y,
                           q4_stream_t stream) {
   dim3 grid((w.N + Q4_WARPS * R - 1) / (Q4_WARPS * R), grid_y);
-  q4_gemm_kernel<DT, R, MT, NESTED><<<grid, Q4_WARPS * Q4_WARP, 0, stream>>>(A, w, bias, out, M);
+  q4_gemm_kernel<DT, R, MT, NESTED, INTERLEAVED><<<grid, Q4_WARPS * Q4_WARP, 0, stream>>>(A, w, bias, out, M);
   return q4_get_last_error();
 }
 
-// Runtime (R, MT, nested) -> template instance.
+// Runtime (impl, R, MT, nested) -> template instance. gemv is the one sliced instance, R = MT = 1.
 template <int DT, bool NESTED>
-static q4_err_t q4_dispatch(const void* A, const Q4Weights& w, const void* bias, void* out, int M, int R,
-                            int MT, int grid_y, q4_stream_t s) {
+static q4_err_t q4_dispatch(bool gemv, const void* A, const Q4Weights& w, const void* bias, void* out, int M,
+                            int R, int MT, int grid_y, q4_stream_t s) {
+  if (gemv) return q4_launch<DT, 1, 1, NESTED, false>(A, w, bias, out, M, grid_y, s);
 #define Q4_CASE(r, mt) \
-  if (R == r && MT == mt) return q4_launch<DT, r, mt, NESTED>(A, w, bias, out, M, grid_y, s);
+  if (R == r && MT == mt) return q4_launch<DT, r, mt, NESTED, true>(A, w, bias, out, M, grid_y, s);
   Q4_CASE(1, 1) Q4_CASE(1, 2) Q4_CASE(1, 4) Q4_CASE(1, 8)
   Q4_CASE(2, 1) Q4_CASE(2, 2) Q4_CASE(2, 4) Q4_CASE(2, 8)
   Q4_CASE(4, 1) Q4_CASE(4, 2) Q4_CASE(4, 4) Q4_CASE(4, 8)
@@ -147,15 +186,15 @@ static q4_err_t q4_dispatch(const void* A, const Q4Weights& w, const void* bias,
   return q4_invalid_value;  // a configuration outside the instantiated set
 }
 
-static q4_err_t q4_dispatch_all(int dtype, bool nested, const void* A, const Q4Weights& w, const void* bias,
-                                void* out, int M, int R, int MT, int grid_y, q4_stream_t s) {
+static q4_err_t q4_dispatch_all(int dtype, bool nested, bool gemv, const void* A, const Q4Weights& w,
+                                const void* bias, void* out, int M, int R, int MT, int grid_y, q4_stream_t s) {
   switch (dtype * 2 + (nested ? 1 : 0)) {
-    case Q4_F16 * 2: return q4_dispatch<Q4_F16, false>(A, w, bias, out, M, R, MT, grid_y, s);
-    case Q4_F16 * 2 + 1: return q4_dispatch<Q4_F16, true>(A, w, bias, out, M, R, MT, grid_y, s);
-    case Q4_BF16 * 2: return q4_dispatch<Q4_BF16, false>(A, w, bias, out, M, R, MT, grid_y, s);
-    case Q4_BF16 * 2 + 1: return q4_dispatch<Q4_BF16, true>(A, w, bias, out, M, R, MT, grid_y, s);
-    case Q4_F32 * 2: return q4_dispatch<Q4_F32, false>(A, w, bias, out, M, R, MT, grid_y, s);
-    default: return q4_dispatch<Q4_F32, true>(A, w, bias, out, M, R, MT, grid_y, s);
+    case Q4_F16 * 2: return q4_dispatch<Q4_F16, false>(gemv, A, w, bias, out, M, R, MT, grid_y, s);
+    case Q4_F16 * 2 + 1: return q4_dispatch<Q4_F16, true>(gemv, A, w, bias, out, M, R, MT, grid_y, s);
+    case Q4_BF16 * 2: return q4_dispatch<Q4_BF16, false>(gemv, A, w, bias, out, M, R, MT, grid_y, s);
+    case Q4_BF16 * 2 + 1: return q4_dispatch<Q4_BF16, true>(gemv, A, w, bias, out, M, R, MT, grid_y, s);
+    case Q4_F32 * 2: return q4_dispatch<Q4_F32, false>(gemv, A, w, bias, out, M, R, MT, grid_y, s);
+    default: return q4_dispatch<Q4_F32, true>(gemv, A, w, bias, out, M, R, MT, grid_y, s);
   }
 }
 
@@ -196,14 +235,14 @@ int q4_gemm(int impl, int dtype, int nested, const void* A, const uint8_t* packe
   Q4Weights w{packed, absmax, nested_absmax, nested_code, nested_offset, code, N, K, __builtin_ctz(blocksize)};
   q4_stream_t s = static_cast<q4_stream_t>(stream);
   if (impl == 1)  // gemv: one activation row per block row, no reuse
-    return (int)q4_dispatch_all(dtype, nested, A, w, bias, out, M, 1, 1, M, s);
+    return (int)q4_dispatch_all(dtype, nested, true, A, w, bias, out, M, 1, 1, M, s);
   static int sms = 0;
   if (sms == 0) sms = q4_sm_count();
   int R, MT;
   q4_simt_config(N, M, sms > 0 ? sms : 1, &R, &MT);
   if (rows_per_warp > 0) R = rows_per_warp;
   if (m_tile > 0) MT = m_tile;
-  return (int)q4_dispatch_all(dtype, nested, A, w, bias, out, M, R, MT, (M + MT - 1) / MT, s);
+  return (int)q4_dispatch_all(dtype, nested, false, A, w, bias, out, M, R, MT, (M + MT - 1) / MT, s);
 }
 
 }  // extern "C"

@@ -68,6 +68,19 @@ __device__ __forceinline__ uint4 q4_load_stream16(const void* p) {
 #endif
 }
 
+// The same stream for one 4-byte word (the interleaved simt layout: a warp's 32 words are one line).
+__device__ __forceinline__ uint32_t q4_load_stream4(const uint32_t* p) {
+#if defined(Q4_NVIDIA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+#elif defined(Q4_AMD)
+  return __builtin_nontemporal_load(p);
+#else
+  return *p;
+#endif
+}
+
 // Re-read operands (activations, absmax): the read-only path, cached in L1 on both vendors.
 template <typename T>
 __device__ __forceinline__ T q4_load_cached(const T* p) {
@@ -112,6 +125,15 @@ __device__ __forceinline__ float q4_warp_sum(float v) {
   return v;
 }
 #endif
+
+// Lane `src`'s value of v, for every lane (ds_bpermute on AMD, SHFL on NVIDIA).
+__device__ __forceinline__ float q4_shfl(float v, int src) {
+#if defined(Q4_AMD)
+  return __shfl(v, src);
+#else
+  return __shfl_sync(0xffffffffu, v, src);
+#endif
+}
 
 // Activation conversions. bf16 is handled as raw bits so the same code builds with HIP 5.x, which has
 // no portable bf16 vector type: widening is a 16-bit shift, narrowing rounds to nearest even.

@@ -151,8 +151,8 @@ def test_gfx1100_fused_kernel_reduces_with_dpp(tmp_path):
     assert proc.wait() == 0, proc.communicate()[0][-2000:]
     text = asm.read_text()
     assert ".amdgcn_target \"amdgcn-amd-amdhsa--gfx1100" in text
-    # the body of one fused-kernel instance, up to its end marker
-    start = text.index("_Z14q4_gemm_kernelILi0ELi4ELi1ELb0EEvPKv9Q4WeightsS1_Pvi:")
+    # the body of one fused-kernel instance (fp16, R=4, MT=1, not nested, interleaved), up to its end marker
+    start = text.index("_Z14q4_gemm_kernelILi0ELi4ELi1ELb0ELb1EEvPKv9Q4WeightsS1_Pvi:")
     body = text[start:text.index(".Lfunc_end", start)]
     for shift in (8, 4, 2, 1):
         assert f"row_ror:{shift}" in body, f"no DPP row_ror:{shift} in the gfx1100 reduction"
