@@ -58,8 +58,8 @@ q4_gemm_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__
   for (int c = 0; c < 4; ++c) src[c] = ((c * Q4_WARP + lane) * 8) >> w.blocksize_log2;
 
   // Software pipeline, two stages: while a lane decodes U groups of R rows, the weight and absmax loads of
-  // its next U groups are already in flight (2*U*R*16 bytes a lane). Without it every iteration exposed a
-  // full DRAM latency, and only more warps per SM hid it.
+  // its next U groups are already in flight (U*R*16 bytes a lane, twice that held in registers). Without
+  // it every iteration exposed a full DRAM latency, and only more warps per SM hid it.
   constexpr int U = 2;
   uint4 wq[U][R];
   Q4Scale sc[U][R];
