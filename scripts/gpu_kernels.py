@@ -258,26 +258,34 @@ SIMT_CONFIGS = [(R, MT) for R in (1, 2, 4) for MT in (1, 2, 4, 8)]
 
 def configs(args) -> int:
     """Every (rows per warp R, activation rows per block MT) over a grid of N, K and M, bf16: the data the
-    launch rule (q4_simt_config) is fitted to. `auto` is the rule's own choice."""
+    launch rule (q4_simt_config) is fitted to. `auto` is the rule's own choice. Each configuration's output
+    is checked against the float64 reference before it is timed; a wrong one fails the run."""
     dev = torch.device("cuda")
-    lines = ["N,K,M,config,time_us"]
+    lines, wrong = ["N,K,M,config,time_us"], 0
     for K in args.k:
         for N in args.n:
             w = formats.quantize(torch.randn(N, K, device=dev, dtype=torch.float16), "nf4", 64, False)
             for M in args.m:
                 A = torch.randn(M, K, device=dev).to(torch.bfloat16)
+                ref = reference_gpu(A, w, None)
                 out = torch.empty(M, N, dtype=A.dtype, device=dev)
                 times = {}
                 for R, MT in [(0, 0), *SIMT_CONFIGS]:
+                    name = "auto" if R == 0 else f"r{R}m{MT}"
                     fn = (lambda R=R, MT=MT: ops.simt_gemm(A, w, rows_per_warp=R, m_tile=MT, out=out))
-                    times["auto" if R == 0 else f"r{R}m{MT}"] = bench.time_call(fn, device=dev, budget_s=args.budget_s).time_us
+                    out.fill_(float("nan"))  # poison
+                    fn()
+                    if not rel_err(out, ref) <= TOL["bf16"]:  # NaN (an unwritten output) fails too
+                        wrong += 1
+                        print(f"WRONG {name} N={N} K={K} M={M}: {rel_err(out, ref):.2e}", flush=True)
+                    times[name] = bench.time_call(fn, device=dev, budget_s=args.budget_s).time_us
                 lines += [f"{N},{K},{M},{c},{t:.2f}" for c, t in times.items()]
                 best = min((t, c) for c, t in times.items() if c != "auto")
                 print(f"N={N:>6} K={K:>6} M={M:>3}  best {best[1]} {best[0]:8.1f} us  auto {times['auto']:8.1f} us "
                       f"({times['auto'] / best[0]:.2f}x)", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "configs.csv").write_text("\n".join(lines) + "\n")
-    return 0
+    return 1 if wrong else 0
 
 
 def main() -> int:
