@@ -95,10 +95,12 @@ def headline_resonance(families: pl.DataFrame) -> list[str]:
     return lines
 
 
-def headlines(frame: pl.DataFrame) -> dict[str, list[str]]:
-    """Each question's headline sentences; a question the data cannot answer says why instead."""
+def headlines(frame: pl.DataFrame, crossovers: pl.DataFrame | None = None) -> dict[str, list[str]]:
+    """Each question's headline sentences; a question the data cannot answer says why instead.
+    `crossovers`: analysis.crossover_summary(frame) when the caller has it already."""
     questions = {
-        "Crossovers (simt vs dequant_blas)": lambda: headline_crossovers(analysis.crossover_summary(frame)),
+        "Crossovers (simt vs dequant_blas)": lambda: headline_crossovers(
+            analysis.crossover_summary(frame) if crossovers is None else crossovers),
         "Camping outliers": lambda: headline_camping(analysis.camping_floors(frame)),
         "N-resonance": lambda: headline_resonance(analysis.resonance(frame)[1]),
     }
@@ -187,12 +189,13 @@ def run_notebook(name: str, out_dir: Path, parameters: dict, kernel_name: str = 
 
 def write_index(out_dir: Path, results: list[NotebookResult], frame: pl.DataFrame, data_files: list[Path]) -> Path:
     """reports/index.html: headline findings, the data's provenance, and a link to every report."""
-    found = headlines(frame)
     try:
-        figure = plots.crossover_summary_chart(analysis.crossover_summary(frame)).to_html(
+        crossovers = analysis.crossover_summary(frame)
+        figure = plots.crossover_summary_chart(crossovers).to_html(
             full_html=False, include_plotlyjs=True, include_mathjax=False)
     except ValueError as err:
-        figure = f"<p>No crossover chart: {html.escape(str(err))}</p>"
+        crossovers, figure = None, f"<p>No crossover chart: {html.escape(str(err))}</p>"
+    found = headlines(frame, crossovers)
     sections = "".join(f"<h2>{html.escape(title)}</h2><ul>{''.join(f'<li>{html.escape(s)}</li>' for s in lines)}</ul>"
                        for title, lines in found.items())
     links = "".join(
