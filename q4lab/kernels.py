@@ -31,17 +31,17 @@ class KernelError(RuntimeError):
     """No usable kernel library: no compiler, no GPU, a failed build, or a library for another GPU."""
 
 
-def sources() -> list[Path]:
-    files = sorted(KERNEL_DIR.glob("*.cu")) + sorted(KERNEL_DIR.glob("*.h"))
+def sources(kernel_dir: Path = KERNEL_DIR) -> list[Path]:
+    files = sorted(kernel_dir.glob("*.cu")) + sorted(kernel_dir.glob("*.h"))
     if not files:
-        raise KernelError(f"no kernel sources in {KERNEL_DIR}: run from a q4lab checkout "
+        raise KernelError(f"no kernel sources in {kernel_dir}: run from a q4lab checkout "
                           f"(pip install -e .) or set Q4LAB_KERNELS to its kernels/ folder")
     return files
 
 
-def source_hash() -> str:
+def source_hash(kernel_dir: Path = KERNEL_DIR) -> str:
     h = hashlib.sha256()
-    for f in sources():
+    for f in sources(kernel_dir):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
@@ -82,9 +82,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("Q4LAB_CACHE", Path.home() / ".cache" / "q4lab"))
 
 
-def library_path(vendor: str, targets: tuple[str, ...], compiler: Path) -> Path:
+def library_path(vendor: str, targets: tuple[str, ...], compiler: Path, kernel_dir: Path = KERNEL_DIR) -> Path:
     cc = hashlib.sha256(compiler_version(compiler).encode()).hexdigest()[:8]
-    return cache_root() / f"{vendor}-{'-'.join(targets)}-{source_hash()}-{cc}" / LIB_NAME
+    return cache_root() / f"{vendor}-{'-'.join(targets)}-{source_hash(kernel_dir)}-{cc}" / LIB_NAME
 
 
 def build_vendor() -> str:
@@ -97,9 +97,10 @@ def build_vendor() -> str:
     return "rocm" if find_compiler("rocm") else "cuda"
 
 
-def compile_command(vendor: str, targets: tuple[str, ...], compiler: Path, out: Path) -> list[str]:
-    defines = [f'-DQ4_SOURCE_HASH="{source_hash()}"', f'-DQ4_TARGETS="{",".join(targets)}"']
-    cu = [str(f) for f in sources() if f.suffix == ".cu"]
+def compile_command(vendor: str, targets: tuple[str, ...], compiler: Path, out: Path,
+                    kernel_dir: Path = KERNEL_DIR) -> list[str]:
+    defines = [f'-DQ4_SOURCE_HASH="{source_hash(kernel_dir)}"', f'-DQ4_TARGETS="{",".join(targets)}"']
+    cu = [str(f) for f in sources(kernel_dir) if f.suffix == ".cu"]
     if vendor == "rocm":
         arch = [f"--offload-arch={t}" for t in targets]
         return [str(compiler), "-O3", "-std=c++17", "-shared", "-fPIC", *arch, *defines, *cu, "-o", str(out)]
@@ -113,10 +114,11 @@ def compile_command(vendor: str, targets: tuple[str, ...], compiler: Path, out: 
 
 
 def build(targets: tuple[str, ...] | None = None, vendor: str | None = None, force: bool = False,
-          verbose: bool = False) -> Path:
+          verbose: bool = False, kernel_dir: Path = KERNEL_DIR) -> Path:
     """Build the library for `targets` (default: this GPU, else every supported NVIDIA arch); return its path.
 
     Cached: an existing library for the same sources, targets and compiler is reused unless `force`.
+    `kernel_dir`: another version of kernels/ (an experiment to time beside the shipped one).
     """
     vendor = vendor or build_vendor()
     if not targets:
@@ -135,13 +137,13 @@ def build(targets: tuple[str, ...] | None = None, vendor: str | None = None, for
         raise KernelError(f"no {tool} found on PATH: install it, or set "
                           f"{'ROCM_PATH' if vendor == 'rocm' else 'CUDA_HOME'}, or point Q4LAB_LIB at a "
                           f"library built elsewhere with `q4lab build`")
-    out = library_path(vendor, targets, compiler)
+    out = library_path(vendor, targets, compiler, kernel_dir)
     if out.exists() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
         tmp_path = Path(tmp.name)
-    cmd = compile_command(vendor, targets, compiler, tmp_path)
+    cmd = compile_command(vendor, targets, compiler, tmp_path, kernel_dir)
     env = {**os.environ, "HIP_PLATFORM": "amd"} if vendor == "rocm" else None
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     (out.parent / "build.log").write_text(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)

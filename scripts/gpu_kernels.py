@@ -131,14 +131,10 @@ def sanitize(args) -> int:
 
 def variant_libraries(specs: list[str]) -> dict[str, object]:
     """NAME=DIR -> the kernel library built from DIR (another version of kernels/), for side-by-side timing."""
-    libs, home = {}, kernels.KERNEL_DIR
+    libs = {}
     for spec in specs:
         name, _, folder = spec.partition("=")
-        kernels.KERNEL_DIR = Path(folder).resolve()
-        try:
-            libs[name] = kernels.open_library(kernels.build((kernels.gpu_arch(),)))
-        finally:
-            kernels.KERNEL_DIR = home
+        libs[name] = kernels.open_library(kernels.build((kernels.gpu_arch(),), kernel_dir=Path(folder).resolve()))
     return libs
 
 

@@ -106,12 +106,26 @@ def test_a_compile_error_keeps_the_log(tmp_path, monkeypatch):
     bad = tmp_path / "kernels"
     bad.mkdir()
     (bad / "broken.cu").write_text("this is not C++\n")
-    monkeypatch.setattr(kernels, "KERNEL_DIR", bad)
     monkeypatch.setenv("Q4LAB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(kernels.KernelError, match="kernel build failed.*build.log"):
-        kernels.build(("sm_90",), vendor="cuda")
+        kernels.build(("sm_90",), vendor="cuda", kernel_dir=bad)
     assert list((tmp_path / "cache").glob("*/build.log"))
     assert not list((tmp_path / "cache").glob("*/*.so"))  # no half-written library left behind
+
+
+def test_another_kernel_folder_builds_apart_from_the_shipped_one(tmp_path):
+    """gpu_kernels.py --variant times an experiment's kernels/ beside the shipped one: its sources, hash and
+    cache entry are the other folder's, and the shipped folder stays the default."""
+    need("nvcc")
+    other = tmp_path / "kernels"
+    shutil.copytree(kernels.KERNEL_DIR, other)
+    (other / "q4_gemm.cu").write_text((other / "q4_gemm.cu").read_text() + "\n// an experiment\n")
+    nvcc = kernels.find_compiler("cuda")
+    cmd = kernels.compile_command("cuda", ("sm_90",), nvcc, tmp_path / "x.so", kernel_dir=other)
+    assert str(other / "q4_gemm.cu") in cmd and str(kernels.KERNEL_DIR / "q4_gemm.cu") not in cmd
+    assert f'-DQ4_SOURCE_HASH="{kernels.source_hash(other)}"' in cmd
+    assert kernels.source_hash(other) != kernels.source_hash()
+    assert kernels.library_path("cuda", ("sm_90",), nvcc, other) != kernels.library_path("cuda", ("sm_90",), nvcc)
 
 
 def test_cli_info_and_build(cuda_library):
