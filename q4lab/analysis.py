@@ -34,7 +34,8 @@ POINT = (*CONFIG, "shape", "family", "N", "K", "M")
 SIMT_WARPS_PER_BLOCK = 4
 # arch -> (SM/CU count, resident SIMT blocks per SM/CU). Counts are the full parts' (H100 SXM: 132 SMs;
 # H100 PCIe has 114: pass sm_count=114). Blocks per SM: the register-limited residency of the M=1 kernel
-# on sm_90 (127 registers x 128 threads: 4 blocks); the AMD entries are the same guess until measured.
+# on sm_90 (v6 holds it to 128 registers x 128 threads: 4 blocks); the AMD entries are the same guess
+# until measured.
 ARCH_GEOMETRY = {
     "sm_80": (108, 4),    # A100
     "sm_90": (132, 4),    # H100 SXM / H200
@@ -221,8 +222,8 @@ def crossover_summary(df: pl.DataFrame, impl_a: str = "simt", impl_b: str = "deq
     Censoring: a right-censored shape's M* is only known to exceed its m_max_measured, a left-censored
     one's to lie below its m_min_measured. Each quantile is computed twice, once with every censored M* at
     its lower bound (0 for left, m_max for right) and once at its upper bound (m_min for left, infinity
-    for right); the true quantile lies between (`median_lo`, `median_hi` for the median). When both agree it is reported (`median_m`, `q25_m`,
-    `q75_m`); otherwise those are null and the labels say what is known (`"> 128"`: more than half the
+    for right); the true quantile lies between (`median_lo`, `median_hi` for the median). When both agree
+    it is reported (`median_m`, `q25_m`, `q75_m`); otherwise those are null and the labels say what is known (`"> 128"`: more than half the
     shapes still favour A at the largest M measured).
 
     `threshold_m`: dispatch `impl_a` when M <= threshold_m (0: never), chosen to minimize the mean

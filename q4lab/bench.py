@@ -8,9 +8,10 @@ Event timing counts GPU idle time too: if the host needs longer to queue `fn` th
 the flush, the GPU reaches the start event, then waits for `fn`'s kernels, and the wait is counted
 (bitsandbytes' Python dispatch of ~50 µs behind a short flush inflated medians 2-5x, as issue 4 reports).
 So each sample first enqueues a spin kernel (`torch.cuda._sleep`) that outlasts the host's time to queue
-everything after it; by the time the GPU leaves the spin, flush, events and all of `fn` are queued. Every sample checks this after
-the fact (host queue time against the hold), and one whose host outran the hold is thrown away and the
-hold lengthened. The sample count adapts until the median is known to about `rel_tol`.
+everything after it; by the time the GPU leaves the spin, flush, events and all of `fn` are queued.
+Every sample checks this after the fact (host queue time against the hold), and one whose host outran the
+hold is thrown away and the hold lengthened. The sample count adapts until the median is known to about
+`rel_tol`.
 
 On a CPU-only torch the same primitive times with the wall clock (`timer="wall_clock"`), without a
 cache flush (`cold=False`), and the data says so.

@@ -271,9 +271,10 @@ def configs(args) -> int:
                     fn = (lambda R=R, MT=MT: ops.simt_gemm(A, w, rows_per_warp=R, m_tile=MT, out=out))
                     out.fill_(float("nan"))  # poison
                     fn()
-                    if not rel_err(out, ref) <= TOL["bf16"]:  # NaN (an unwritten output) fails too
+                    err = rel_err(out, ref)
+                    if not err <= TOL["bf16"]:  # NaN (an unwritten output) fails too
                         wrong += 1
-                        print(f"WRONG {name} N={N} K={K} M={M}: {rel_err(out, ref):.2e}", flush=True)
+                        print(f"WRONG {name} N={N} K={K} M={M}: {err:.2e}", flush=True)
                     times[name] = bench.time_call(fn, device=dev, budget_s=args.budget_s).time_us
                 lines += [f"{N},{K},{M},{c},{t:.2f}" for c, t in times.items()]
                 best = min((t, c) for c, t in times.items() if c != "auto")
