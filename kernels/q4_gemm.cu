@@ -12,9 +12,9 @@
 //  * interleaved (simt): in step c of a group lane l decodes word c * Q4_WARP + l, so a step's lanes cover
 //    8 * Q4_WARP consecutive weights. Its weight words (4 bytes a lane) and its activations (8 a lane) are
 //    both contiguous across the warp: one activation load touches 4 cache lines (bf16; 8 for fp32) where
-//    the sliced layout touches 16 (32). The L1 data pipe, which the table lookups already keep at ~80% of
-//    its wavefronts, is what binds this kernel (docs/PERF.md, v6): on an H100 fp32 activations ran 1.4x
-//    faster at M=1 and 2.2x at M=8, bf16 1.1x at M=8, bf16 M=1 within +-5%.
+//    the sliced layout touches 16 (32). The L1 data pipe, where the table lookups were already 7.5M of
+//    v2's 12.4M bf16 wavefronts, is what binds this kernel (docs/PERF.md, v6): on an H100 fp32
+//    activations ran 1.4x faster at M=1 and 2.2x at M=8, bf16 1.1x at M=8, bf16 M=1 within +-5%.
 //    A lane's four words lie in four absmax blocks (blocksize < 1024), so each lane fetches one block's
 //    absmax of the group and the lanes trade them by shuffle.
 //  * sliced (gemv, the classic design): lane l owns the 16 contiguous bytes 16l..16l+15 of the group, one
@@ -164,37 +164,30 @@ q4_gemm_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__
     }
 }
 
-template <int DT, int R, int MT, bool NESTED, bool INTERLEAVED>
-static q4_err_t q4_launch(const void* A, const Q4Weights& w, const void* bias, void* out, int M, int grid_y,
-                          q4_stream_t stream) {
-  dim3 grid((w.N + Q4_WARPS * R - 1) / (Q4_WARPS * R), grid_y);
-  q4_gemm_kernel<DT, R, MT, NESTED, INTERLEAVED><<<grid, Q4_WARPS * Q4_WARP, 0, stream>>>(A, w, bias, out, M);
-  return q4_get_last_error();
-}
+typedef void (*q4_kernel_t)(const void*, Q4Weights, const void*, void*, int);
 
-// Runtime (impl, R, MT, nested) -> template instance. gemv is the one sliced instance, R = MT = 1.
+// Runtime (impl, R, MT, nested) -> template instance; nullptr outside the instantiated set. gemv is the one
+// sliced instance, R = MT = 1.
 template <int DT, bool NESTED>
-static q4_err_t q4_dispatch(bool gemv, const void* A, const Q4Weights& w, const void* bias, void* out, int M,
-                            int R, int MT, int grid_y, q4_stream_t s) {
-  if (gemv) return q4_launch<DT, 1, 1, NESTED, false>(A, w, bias, out, M, grid_y, s);
+static q4_kernel_t q4_instance(bool gemv, int R, int MT) {
+  if (gemv) return q4_gemm_kernel<DT, 1, 1, NESTED, false>;
 #define Q4_CASE(r, mt) \
-  if (R == r && MT == mt) return q4_launch<DT, r, mt, NESTED, true>(A, w, bias, out, M, grid_y, s);
+  if (R == r && MT == mt) return q4_gemm_kernel<DT, r, mt, NESTED, true>;
   Q4_CASE(1, 1) Q4_CASE(1, 2) Q4_CASE(1, 4) Q4_CASE(1, 8)
   Q4_CASE(2, 1) Q4_CASE(2, 2) Q4_CASE(2, 4) Q4_CASE(2, 8)
   Q4_CASE(4, 1) Q4_CASE(4, 2) Q4_CASE(4, 4) Q4_CASE(4, 8)
 #undef Q4_CASE
-  return q4_invalid_value;  // a configuration outside the instantiated set
+  return nullptr;
 }
 
-static q4_err_t q4_dispatch_all(int dtype, bool nested, bool gemv, const void* A, const Q4Weights& w,
-                                const void* bias, void* out, int M, int R, int MT, int grid_y, q4_stream_t s) {
+static q4_kernel_t q4_instance_all(int dtype, bool nested, bool gemv, int R, int MT) {
   switch (dtype * 2 + (nested ? 1 : 0)) {
-    case Q4_F16 * 2: return q4_dispatch<Q4_F16, false>(gemv, A, w, bias, out, M, R, MT, grid_y, s);
-    case Q4_F16 * 2 + 1: return q4_dispatch<Q4_F16, true>(gemv, A, w, bias, out, M, R, MT, grid_y, s);
-    case Q4_BF16 * 2: return q4_dispatch<Q4_BF16, false>(gemv, A, w, bias, out, M, R, MT, grid_y, s);
-    case Q4_BF16 * 2 + 1: return q4_dispatch<Q4_BF16, true>(gemv, A, w, bias, out, M, R, MT, grid_y, s);
-    case Q4_F32 * 2: return q4_dispatch<Q4_F32, false>(gemv, A, w, bias, out, M, R, MT, grid_y, s);
-    default: return q4_dispatch<Q4_F32, true>(gemv, A, w, bias, out, M, R, MT, grid_y, s);
+    case Q4_F16 * 2: return q4_instance<Q4_F16, false>(gemv, R, MT);
+    case Q4_F16 * 2 + 1: return q4_instance<Q4_F16, true>(gemv, R, MT);
+    case Q4_BF16 * 2: return q4_instance<Q4_BF16, false>(gemv, R, MT);
+    case Q4_BF16 * 2 + 1: return q4_instance<Q4_BF16, true>(gemv, R, MT);
+    case Q4_F32 * 2: return q4_instance<Q4_F32, false>(gemv, R, MT);
+    default: return q4_instance<Q4_F32, true>(gemv, R, MT);
   }
 }
 
@@ -205,25 +198,62 @@ static int q4_sm_count() {
   return sms;
 }
 
+constexpr int Q4_CONFIGS = 12;  // (R, MT) in {1,2,4} x {1,2,4,8}, indexed log2(R) * 4 + log2(MT)
+
+// Resident blocks per SM/CU of each simt instance on the current device, asked of the runtime once per
+// (dtype, nested): registers decide it (v6 bf16 on sm_90: from 5 blocks at R = MT = 1 down to 2 from
+// R * MT = 8 on), and the compiler's register counts differ by arch and dtype.
+static const int* q4_blocks_per_sm(int dtype, bool nested) {
+  static int table[3][2][Q4_CONFIGS];  // 0: not asked yet
+  int* t = table[dtype][nested ? 1 : 0];
+  if (t[0] == 0)
+    for (int c = Q4_CONFIGS - 1; c >= 0; --c) {  // entry 0 last: it marks the row as filled
+      int n = 0;
+      const q4_kernel_t kernel = q4_instance_all(dtype, nested, false, 1 << (c / 4), 1 << (c % 4));
+      const void* entry = reinterpret_cast<const void*>(kernel);
+      t[c] = q4_occupancy(&n, entry, Q4_WARPS * Q4_WARP, 0) == q4_success && n > 0 ? n : 1;
+    }
+  return t;
+}
+
 extern "C" {
 
-// The simt launch configuration: the most reuse R*MT (rows per warp times activation rows per block)
-// whose grid still gives every SM/CU at least one block; ties go to more rows per warp. MT never exceeds
-// M rounded up to a power of two. Fitted on an H100 sweep of every (R, MT) over N 512..16384, K 4096 and
-// 14336, M 1..64 (docs/bench/h100_2026-11-26_simt_configs.csv): within 1.005x of the best configuration
-// (geometric mean; worst 1.06x), where the earlier rule (R from N alone) was 1.23x off and 2.9x at worst.
-void q4_simt_config(int N, int M, int sm_count, int* rows_per_warp, int* m_tile) {
+// The simt launch configuration: the (R, MT) whose modelled time is least. A block's work is
+// groups * (R * row_ns[R] + MT * 100 + R * MT * 40) + 50 ns for one warp alone (decode per row, activation
+// loads per row of the M tile, FMAs per pair; row_ns 100, 140, 190 for R = 1, 2, 4: more rows per warp
+// cost more per row, register pressure at the 128-register bound), and an SM runs its share of the grid
+// (ceil(blocks / SMs)) in waves of `blocks_per_sm[config]` blocks, each wave slowed by
+// max(1, resident warps / 9): about 9 warps saturate an SM's L1 data pipe. MT never exceeds M rounded up
+// to a power of two; ties go to more rows per warp, then the larger M tile. Fitted on an H100 sweep of all
+// 12 configurations over N 512..128256, K 2048..14336, M 1..128 (docs/bench/h100_2026-11-26_v6_rule.csv):
+// 1.004x of the best configuration (geometric mean over 616 points, worst 1.13x), where the rule before it
+// (the most reuse whose grid gives every SM a block) was 1.042x off and 1.62x at worst.
+void q4_simt_config(int N, int M, int K, int sm_count, const int* blocks_per_sm, int* rows_per_warp,
+                    int* m_tile) {
   const int mt_max = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8;
-  long best_blocks = -1;
-  int best_reuse = 0;
-  for (int R = 4; R >= 1; R /= 2)
-    for (int MT = mt_max; MT >= 1; MT /= 2) {
+  double best_ns = -1;
+  for (int r = 2; r >= 0; --r)
+    for (int mt = 3; mt >= 0; --mt) {
+      const int R = 1 << r, MT = 1 << mt, resident = blocks_per_sm[r * 4 + mt];
+      if (MT > mt_max) continue;
       const long blocks = (long)((N + Q4_WARPS * R - 1) / (Q4_WARPS * R)) * ((M + MT - 1) / MT);
-      const bool fills = blocks >= sm_count, best_fills = best_blocks >= sm_count;
-      // Filling the GPU first; then more reuse; a grid that cannot fill it takes the most blocks.
-      const bool better = fills ? !best_fills || R * MT > best_reuse : !best_fills && blocks > best_blocks;
-      if (better) *rows_per_warp = R, *m_tile = MT, best_blocks = blocks, best_reuse = R * MT;
+      const long per_sm = (blocks + sm_count - 1) / sm_count;  // the busiest SM's share
+      const long waves = per_sm / resident, rest = per_sm % resident;
+      const double row_ns = R == 1 ? 100 : R == 2 ? 140 : 190;
+      const double block_ns = K / 1024.0 * (R * row_ns + MT * 100 + R * MT * 40) + 50;
+      const double ns = block_ns * (waves * fmax(1.0, Q4_WARPS * resident / 9.0) +
+                                    (rest ? fmax(1.0, Q4_WARPS * rest / 9.0) : 0.0));
+      if (best_ns < 0 || ns < best_ns) *rows_per_warp = R, *m_tile = MT, best_ns = ns;
     }
+}
+
+// Resident blocks per SM/CU of the 12 simt configurations (index log2(R) * 4 + log2(MT)) on the current
+// device; 0 on success. Needs a GPU.
+int q4_simt_blocks_per_sm(int dtype, int nested, int* out) {
+  if (q4_sm_count() == 0) return (int)q4_invalid_value;
+  const int* t = q4_blocks_per_sm(dtype, nested != 0);
+  for (int c = 0; c < Q4_CONFIGS; ++c) out[c] = t[c];
+  return 0;
 }
 
 // impl 0 = simt, 1 = gemv. rows_per_warp/m_tile > 0 override the simt launch configuration (for exploring:
@@ -233,16 +263,21 @@ int q4_gemm(int impl, int dtype, int nested, const void* A, const uint8_t* packe
             const void* bias, void* out, int M, int N, int K, int blocksize, int rows_per_warp, int m_tile,
             void* stream) {
   Q4Weights w{packed, absmax, nested_absmax, nested_code, nested_offset, code, N, K, __builtin_ctz(blocksize)};
-  q4_stream_t s = static_cast<q4_stream_t>(stream);
-  if (impl == 1)  // gemv: one activation row per block row, no reuse
-    return (int)q4_dispatch_all(dtype, nested, true, A, w, bias, out, M, 1, 1, M, s);
-  static int sms = 0;
-  if (sms == 0) sms = q4_sm_count();
-  int R, MT;
-  q4_simt_config(N, M, sms > 0 ? sms : 1, &R, &MT);
-  if (rows_per_warp > 0) R = rows_per_warp;
-  if (m_tile > 0) MT = m_tile;
-  return (int)q4_dispatch_all(dtype, nested, false, A, w, bias, out, M, R, MT, (M + MT - 1) / MT, s);
+  const bool gemv = impl == 1;
+  int R = 1, MT = 1, grid_y = M;  // gemv: one activation row per block row, no reuse
+  if (!gemv) {
+    static int sms = 0;
+    if (sms == 0) sms = q4_sm_count();
+    q4_simt_config(N, M, K, sms > 0 ? sms : 1, q4_blocks_per_sm(dtype, nested != 0), &R, &MT);
+    if (rows_per_warp > 0) R = rows_per_warp;
+    if (m_tile > 0) MT = m_tile;
+    grid_y = (M + MT - 1) / MT;
+  }
+  const q4_kernel_t kernel = q4_instance_all(dtype, nested != 0, gemv, R, MT);
+  if (kernel == nullptr) return (int)q4_invalid_value;
+  const dim3 grid((N + Q4_WARPS * R - 1) / (Q4_WARPS * R), grid_y);
+  kernel<<<grid, Q4_WARPS * Q4_WARP, 0, static_cast<q4_stream_t>(stream)>>>(A, w, bias, out, M);
+  return (int)q4_get_last_error();
 }
 
 }  // extern "C"

@@ -19,6 +19,7 @@ typedef hipError_t q4_err_t;
 #define q4_get_device hipGetDevice
 #define q4_device_attribute hipDeviceGetAttribute
 #define q4_attr_sm_count hipDeviceAttributeMultiprocessorCount
+#define q4_occupancy hipOccupancyMaxActiveBlocksPerMultiprocessor
 #else
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -32,6 +33,7 @@ typedef cudaError_t q4_err_t;
 #define q4_get_device cudaGetDevice
 #define q4_device_attribute cudaDeviceGetAttribute
 #define q4_attr_sm_count cudaDevAttrMultiProcessorCount
+#define q4_occupancy cudaOccupancyMaxActiveBlocksPerMultiprocessor
 #endif
 
 // Wavefront width. RDNA (gfx10xx/gfx11xx/gfx12xx) runs wave32 by default; CDNA (gfx9xx) only wave64.

@@ -29,66 +29,79 @@ GRID_SWEEPS = ("grid", "repeat")  # the `sweep` values whose rows form M grids (
 POINT = (*CONFIG, "shape", "family", "N", "K", "M")
 
 # ---------------------------------------------------------------------------------------------------------
-# Wave quantization: the fused SIMT kernel's launch geometry, mirrored from kernels/q4_gemm.cu
-# (q4_simt_config, Q4_WARPS). It only feeds the "wave_tail" label.
+# Wave quantization: the fused SIMT kernel's launch rule and its time model, mirrored from
+# kernels/q4_gemm.cu (q4_simt_config, Q4_WARPS). It only feeds the "wave_tail" label.
 SIMT_WARPS_PER_BLOCK = 4
-# arch -> (SM/CU count, resident SIMT blocks per SM/CU). Counts are the full parts' (H100 SXM: 132 SMs;
-# H100 PCIe has 114: pass sm_count=114). Blocks per SM: the register-limited residency of the M=1 kernel
-# on sm_90 (v6 holds it to 128 registers x 128 threads: 4 blocks); the AMD entries are the same guess
-# until measured.
-ARCH_GEOMETRY = {
-    "sm_80": (108, 4),    # A100
-    "sm_90": (132, 4),    # H100 SXM / H200
-    "gfx90a": (104, 4),   # MI210 (MI250X: 110 CUs per GCD)
-    "gfx942": (304, 4),   # MI300X
-    "gfx1100": (96, 4),   # RX 7900 XTX
-    "gfx1151": (40, 4),   # Strix Halo
-    "gfx1201": (64, 4),   # RX 9070 XT
+SIMT_CONFIGS = tuple((R, MT) for R in (4, 2, 1) for MT in (8, 4, 2, 1))  # the launcher's order: ties keep the first
+# Resident blocks per SM of each (rows per warp R, M tile MT) instance of v6 with 16-bit activations on
+# sm_90: 128 threads a block at the ptxas register counts (90 registers at R = MT = 1 up to 255). The
+# launcher asks the runtime (`kernels.simt_blocks_per_sm` shows it on a GPU); the other archs borrow
+# these until measured.
+SM90_BLOCKS_PER_SM = {(1, 1): 5, (1, 2): 4, (1, 4): 3, (1, 8): 2, (2, 1): 4, (2, 2): 3, (2, 4): 2, (2, 8): 2,
+                      (4, 1): 4, (4, 2): 2, (4, 4): 2, (4, 8): 2}
+# arch -> SM/CU count of the full part (H100 SXM: 132 SMs; H100 PCIe has 114: pass sm_count=114).
+ARCH_SM_COUNT = {
+    "sm_80": 108,    # A100
+    "sm_90": 132,    # H100 SXM / H200
+    "gfx90a": 104,   # MI210 (MI250X: 110 CUs per GCD)
+    "gfx942": 304,   # MI300X
+    "gfx1100": 96,   # RX 7900 XTX
+    "gfx1151": 40,   # Strix Halo
+    "gfx1201": 64,   # RX 9070 XT
 }
+_ROW_NS = {1: 100, 2: 140, 4: 190}  # the launcher's fitted per-row decode cost by R (q4_simt_config)
 
 
-def simt_launch(N: int, M: int, sm_count: int = 132) -> tuple[int, int]:
-    """(rows per warp R, activation rows per block MT) the simt launcher picks (`q4_simt_config`): the most
-    reuse R*MT whose grid gives every SM a block, ties to the larger R; the most blocks when none does."""
+def simt_block_ns(R: int, MT: int, K: int) -> float:
+    """One simt block's time with its warps alone on an SM (the launcher's fitted model, H100 ns)."""
+    return K / 1024 * (R * _ROW_NS[R] + MT * 100 + R * MT * 40) + 50
+
+
+def _crowding(resident_blocks: int) -> float:
+    """How much slower each warp runs when `resident_blocks` share an SM: ~9 warps fill its L1 data pipe."""
+    return max(1.0, SIMT_WARPS_PER_BLOCK * resident_blocks / 9)
+
+
+def simt_model_ns(N: int, M: int, K: int, R: int, MT: int, sm_count: int, blocks_per_sm: int) -> float:
+    """Modelled time of one (R, MT) launch: the busiest SM's share of the grid, ceil(blocks / SMs), run in
+    waves of `blocks_per_sm` blocks."""
+    blocks = math.ceil(N / (SIMT_WARPS_PER_BLOCK * R)) * math.ceil(M / MT)
+    per_sm = math.ceil(blocks / sm_count)
+    waves, rest = divmod(per_sm, blocks_per_sm)
+    return simt_block_ns(R, MT, K) * (waves * _crowding(blocks_per_sm) + (_crowding(rest) if rest else 0.0))
+
+
+def simt_launch(N: int, M: int, K: int, sm_count: int = 132,
+                blocks_per_sm: dict[tuple[int, int], int] = SM90_BLOCKS_PER_SM) -> tuple[int, int]:
+    """(rows per warp R, activation rows per block MT) the simt launcher picks: the least modelled time,
+    with MT at most M rounded up to a power of two."""
     mt_max = 1 if M <= 1 else 2 if M <= 2 else 4 if M <= 4 else 8
-    configs = [(R, MT) for R in (4, 2, 1) for MT in (8, 4, 2, 1) if MT <= mt_max]
-    blocks = {c: math.ceil(N / (SIMT_WARPS_PER_BLOCK * c[0])) * math.ceil(M / c[1]) for c in configs}
-    filling = [c for c in configs if blocks[c] >= sm_count]
-    if filling:
-        return max(filling, key=lambda c: c[0] * c[1])  # max keeps the first of equals: the larger R
-    return max(configs, key=lambda c: blocks[c])
-
-
-def simt_grid(N: int, M: int, sm_count: int = 132) -> int:
-    """Thread blocks the SIMT kernel launches for an [M, K] x [N, K]^T product."""
-    rows_per_warp, m_tile = simt_launch(N, M, sm_count)
-    return math.ceil(N / (SIMT_WARPS_PER_BLOCK * rows_per_warp)) * math.ceil(M / m_tile)
-
-
-def wave_efficiency(blocks: int, sm_count: int, blocks_per_sm: int) -> float:
-    """Fraction of the GPU a grid keeps busy: a grid smaller than the SM count leaves SMs idle; a grid
-    larger than one wave (`sm_count * blocks_per_sm` resident blocks) ends in a partial last wave."""
-    if blocks < sm_count:
-        return blocks / sm_count
-    waves = blocks / (sm_count * blocks_per_sm)
-    return 1.0 if waves <= 1 else waves / math.ceil(waves)
+    configs = [c for c in SIMT_CONFIGS if c[1] <= mt_max]
+    return min(configs, key=lambda c: simt_model_ns(N, M, K, *c, sm_count, blocks_per_sm[c]))  # first of equals
 
 
 def arch_geometry(arch: str, sm_count: int | None = None, blocks_per_sm: int | None = None):
-    """(sm_count, blocks_per_sm) for `arch`, with explicit values winning; None when unknown."""
-    default_sms, default_blocks = ARCH_GEOMETRY.get(arch, (None, None))
-    sms, blocks = sm_count or default_sms, blocks_per_sm or default_blocks
-    return (sms, blocks) if sms and blocks else None
+    """(SM count, resident blocks per SM of each (R, MT)) for `arch`, explicit values winning (one
+    `blocks_per_sm` for every configuration); None when the SM count is unknown."""
+    sms = sm_count or ARCH_SM_COUNT.get(arch)
+    if not sms:
+        return None
+    return sms, ({c: blocks_per_sm for c in SIMT_CONFIGS} if blocks_per_sm else SM90_BLOCKS_PER_SM)
 
 
-def wave_slowdown(N: int, M: int, arch: str, sm_count: int | None = None,
+def wave_slowdown(N: int, M: int, K: int, arch: str, sm_count: int | None = None,
                   blocks_per_sm: int | None = None) -> float | None:
-    """How much longer than its bandwidth term the SIMT kernel should take from wave quantization alone
-    (1.0: none); None when the arch's geometry is unknown and not given."""
+    """How much longer than an evenly spread grid the SIMT kernel should take from its launch geometry
+    alone (1.0: none): the launcher's modelled time of its own choice over the same work divided across
+    every SM at full residency. None when the arch's SM count is unknown and not given."""
     geometry = arch_geometry(arch, sm_count, blocks_per_sm)
     if geometry is None:
         return None
-    return 1.0 / wave_efficiency(simt_grid(N, M, geometry[0]), *geometry)
+    sms, residency = geometry
+    R, MT = simt_launch(N, M, K, sms, residency)
+    blocks = math.ceil(N / (SIMT_WARPS_PER_BLOCK * R)) * math.ceil(M / MT)
+    even_ns = simt_block_ns(R, MT, K) * blocks / (sms * residency[(R, MT)]) * _crowding(residency[(R, MT)])
+    return simt_model_ns(N, M, K, R, MT, sms, residency[(R, MT)]) / even_ns
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -313,7 +326,7 @@ def camping_floors(df: pl.DataFrame, impl: str = "simt", z_threshold: float = 3.
         first = g.row(0, named=True)
         model_us = first["launch_us"] + first["bytes"] / (first["device_gbps"] * 1e3)
         n_flat = _flat_run(t, flat_tolerance)
-        slowdown = wave_slowdown(key["N"], 1, first["arch"], sm_count, blocks_per_sm)
+        slowdown = wave_slowdown(key["N"], 1, key["K"], first["arch"], sm_count, blocks_per_sm)
         wave_model_us = first["launch_us"] + (model_us - first["launch_us"]) * (slowdown or 1.0)
         floor_us = float(np.median(t[:n_flat]))
         rows.append({**key, "arch": first["arch"], "bytes": first["bytes"], "t1_us": float(t[0]),

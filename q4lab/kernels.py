@@ -163,8 +163,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q4_gemm.restype = i
     lib.q4_dequantize.argtypes = [i, i, p, p, p, p, f, p, p, i, i, i, p]
     lib.q4_dequantize.restype = i
-    lib.q4_simt_config.argtypes = [i, i, i, ctypes.POINTER(i), ctypes.POINTER(i)]
+    lib.q4_simt_config.argtypes = [i, i, i, i, ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i)]
     lib.q4_simt_config.restype = None
+    lib.q4_simt_blocks_per_sm.argtypes = [i, i, ctypes.POINTER(i)]
+    lib.q4_simt_blocks_per_sm.restype = i
     for name in ("q4_source_hash", "q4_targets"):
         getattr(lib, name).restype = ctypes.c_char_p
     lib.q4_error_string.argtypes = [i]

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import ctypes
 import weakref
 
 import torch
@@ -137,6 +138,14 @@ def simt_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *,
     A2 = A.reshape(-1, w.K)
     out = torch.empty(A2.shape[0], w.N, dtype=A.dtype, device=A.device) if out is None else out
     return _kernel("simt", A2, w, bias, out, rows_per_warp, m_tile).reshape(*A.shape[:-1], w.N)
+
+
+def simt_blocks_per_sm(dtype: torch.dtype, nested: bool = False) -> dict[tuple[int, int], int]:
+    """Resident blocks per SM of each simt (rows per warp, M tile) instance on the current GPU, as the
+    launcher reads them from the runtime (compare `analysis.SM90_BLOCKS_PER_SM`)."""
+    table = (ctypes.c_int * 12)()
+    kernels.check(kernels.library().q4_simt_blocks_per_sm(_DTYPE_CODE[dtype], int(nested), table))
+    return {(R, MT): table[r * 4 + m] for r, R in enumerate((1, 2, 4)) for m, MT in enumerate((1, 2, 4, 8))}
 
 
 def dequantize_gpu(w: Q4Weight, dtype: torch.dtype) -> torch.Tensor:

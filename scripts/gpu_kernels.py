@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from q4lab import bench, formats, kernels, ops  # noqa: E402
+from q4lab import analysis, bench, formats, kernels, ops  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "gpu_out"))
 # ||out - ref|| / ||ref|| bounds. simt/gemv accumulate in fp32 from exact fp32 weights, so only the output
@@ -257,6 +257,9 @@ def configs(args) -> int:
     launch rule (q4_simt_config) is fitted to. `auto` is the rule's own choice. Each configuration's output
     is checked against the float64 reference before it is timed; a wrong one fails the run."""
     dev = torch.device("cuda")
+    residency = ops.simt_blocks_per_sm(torch.bfloat16)
+    print(f"resident blocks per SM (R, MT): {residency}"
+          + ("" if residency == analysis.SM90_BLOCKS_PER_SM else "  (differs from analysis.SM90_BLOCKS_PER_SM)"))
     lines, wrong = ["N,K,M,config,time_us"], 0
     for K in args.k:
         for N in args.n:

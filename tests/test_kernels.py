@@ -33,10 +33,11 @@ def cuda_library(tmp_path_factory):
         return kernels.build(CI_TARGETS, vendor="cuda")
 
 
-def simt_config(lib, N: int, M: int, sm_count: int) -> tuple[int, int]:
+def simt_config(lib, N: int, M: int, K: int, sm_count: int, blocks_per_sm: dict) -> tuple[int, int]:
     """(rows per warp, activation rows per block) the library's simt launcher picks: host code, no GPU."""
+    table = (ctypes.c_int * 12)(*[blocks_per_sm[(R, MT)] for R in (1, 2, 4) for MT in (1, 2, 4, 8)])
     rows_per_warp, m_tile = ctypes.c_int(), ctypes.c_int()
-    lib.q4_simt_config(N, M, sm_count, ctypes.byref(rows_per_warp), ctypes.byref(m_tile))
+    lib.q4_simt_config(N, M, K, sm_count, table, ctypes.byref(rows_per_warp), ctypes.byref(m_tile))
     return rows_per_warp.value, m_tile.value
 
 
@@ -46,12 +47,15 @@ def test_nvcc_builds_the_library_for_the_ci_archs_and_it_loads_without_a_gpu(cud
     assert lib.q4_source_hash().decode() == kernels.source_hash()
     assert lib.q4_warp_size() == 32
     # the launch heuristics are plain host code in the library: callable without a GPU
-    assert simt_config(lib, 28672, 8, 132) == (4, 8) and simt_config(lib, 1024, 1, 132) == (1, 1)
-    # the wave model in analysis mirrors the launcher
     from q4lab import analysis
-    for N, M, sms in itertools.product((1, 37, 512, 1024, 2112, 3072, 4223, 4224, 9216, 128256),
-                                       (1, 2, 3, 5, 8, 9, 64, 2048), (108, 132, 304)):
-        assert analysis.simt_launch(N, M, sms) == simt_config(lib, N, M, sms), (N, M, sms)
+    h100 = analysis.SM90_BLOCKS_PER_SM
+    assert simt_config(lib, 28672, 8, 8192, 132, h100) == (4, 8) and simt_config(lib, 1024, 1, 4096, 132, h100) == (1, 1)
+    # the wave model in analysis mirrors the launcher, on the H100's residency and on a uniform one
+    uniform = {c: 3 for c in analysis.SIMT_CONFIGS}
+    for N, M, K, sms, table in itertools.product((1, 37, 512, 1024, 2112, 3072, 4224, 9216, 128256),
+                                                 (1, 2, 3, 5, 8, 9, 12, 64, 2048), (64, 4096, 14336),
+                                                 (108, 132, 304), (h100, uniform)):
+        assert analysis.simt_launch(N, M, K, sms, table) == simt_config(lib, N, M, K, sms, table), (N, M, K, sms)
 
 
 def test_a_second_build_reuses_the_cached_library(cuda_library, monkeypatch):

@@ -97,7 +97,7 @@ def test_camping_outliers_names_the_floors_and_the_wave_tail(runs):
     assert "live=True, but this machine has no usable GPU" in printed and "showing the dataset" in printed
     html = "".join(_outputs(notebook, "text/html"))
     assert "1 camping outlier(s) of 18 shapes: llama-3.2-1b.q_proj (27 µs flat to M=8, 3.0× the model)" in html
-    assert "1 wave tail(s), explained by the launch geometry: phi-3-mini.qkv_proj" in html
+    assert "1 wave tail(s), explained by the launch geometry: probe.narrow_wide" in html
 
 
 def test_n_resonance_finds_the_planted_families_in_the_chosen_range(runs):
