@@ -481,8 +481,8 @@ def test_shipped_dataset_was_measured_with_the_current_kernels(path):
         f"re-measure it on a GPU (commands in data/README.md) so the shipped data describes the shipped kernels")
 
 
-def test_auto_dispatch_thresholds_are_the_ones_the_shipped_h100_grid_fits():
+def test_auto_dispatch_thresholds_are_the_ones_the_shipped_grid_fits():
     from q4lab import analysis, ops
-    summary = analysis.crossover_summary(dataset.load(REPO / "data" / "h100_mgrid.parquet"))
+    summary = analysis.crossover_summary(dataset.load(REPO / "data" / "h200_mgrid.parquet"))
     fitted = dict(summary.select("dtype", "threshold_m").iter_rows())
     assert fitted == ops.AUTO_SIMT_MAX_M, "re-fit q4lab.ops.AUTO_SIMT_MAX_M (and README) to the shipped grid"
