@@ -5,7 +5,7 @@
     python scripts/gpu_kernels.py bench      # issue-3 benchmark: all impls + torch int4 peer, interleaved rounds
     python scripts/gpu_kernels.py bench --variant v2=.exp/v2   # also time simt/gemv built from another kernels/
     python scripts/gpu_kernels.py profile    # each simt case once after a warm-up, to run under ncu
-    python scripts/gpu_kernels.py configs    # every simt launch configuration (R, MT) over N, K and M
+    python scripts/gpu_kernels.py configs    # every simt launch configuration (R, MT) over N, K and M (--dtype)
 
 Results go to $OUT (or ./gpu_out) as CSV; a short table is printed last.
 """
@@ -253,20 +253,28 @@ SIMT_CONFIGS = [(R, MT) for R in (1, 2, 4) for MT in (1, 2, 4, 8)]
 
 
 def configs(args) -> int:
-    """Every (rows per warp R, activation rows per block MT) over a grid of N, K and M, bf16: the data the
-    launch rule (q4_simt_config) is fitted to. `auto` is the rule's own choice. Each configuration's output
-    is checked against the float64 reference before it is timed; a wrong one fails the run."""
-    dev = torch.device("cuda")
-    residency = ops.simt_blocks_per_sm(torch.bfloat16)
-    print(f"resident blocks per SM (R, MT): {residency}"
+    """Every (rows per warp R, activation rows per block MT) over a grid of N, K and M in one activation
+    dtype (`--dtype`, bf16 by default): the data the launch rule (q4_simt_config) is fitted to. `auto` is
+    the rule's own choice. Each configuration's output is checked against the float64 reference before it
+    is timed; a wrong one fails the run. Each point is appended to $OUT/configs.csv as it is measured, so a
+    run cut short keeps what it took; a point whose reference does not fit in memory is skipped, loudly."""
+    dev, dtype = torch.device("cuda"), ops.DTYPES[args.dtype]
+    residency = ops.simt_blocks_per_sm(dtype)
+    print(f"{args.dtype}: resident blocks per SM (R, MT): {residency}"
           + ("" if residency == analysis.SM90_BLOCKS_PER_SM else "  (differs from analysis.SM90_BLOCKS_PER_SM)"))
-    lines, wrong = ["N,K,M,config,time_us"], 0
-    for K in args.k:
-        for N in args.n:
+    OUT.mkdir(parents=True, exist_ok=True)
+    wrong = 0
+    with open(OUT / "configs.csv", "w") as csv:
+        csv.write("dtype,N,K,M,config,time_us\n")
+        for K, N in itertools.product(args.k, args.n):
             w = formats.quantize(torch.randn(N, K, device=dev, dtype=torch.float16), "nf4", 64, False)
             for M in args.m:
-                A = torch.randn(M, K, device=dev).to(torch.bfloat16)
-                ref = reference_gpu(A, w, None)
+                A = torch.randn(M, K, device=dev).to(dtype)
+                try:
+                    ref = reference_gpu(A, w, None)
+                except torch.OutOfMemoryError:
+                    print(f"N={N:>6} K={K:>6} M={M:>3}  skipped: the float64 reference does not fit", flush=True)
+                    continue
                 out = torch.empty(M, N, dtype=A.dtype, device=dev)
                 times = {}
                 for R, MT in [(0, 0), *SIMT_CONFIGS]:
@@ -275,16 +283,16 @@ def configs(args) -> int:
                     out.fill_(float("nan"))  # poison
                     fn()
                     err = rel_err(out, ref)
-                    if not err <= TOL["bf16"]:  # NaN (an unwritten output) fails too
+                    if not err <= TOL[args.dtype]:  # NaN (an unwritten output) fails too
                         wrong += 1
                         print(f"WRONG {name} N={N} K={K} M={M}: {err:.2e}", flush=True)
                     times[name] = bench.time_call(fn, device=dev, budget_s=args.budget_s).time_us
-                lines += [f"{N},{K},{M},{c},{t:.2f}" for c, t in times.items()]
+                csv.writelines(f"{args.dtype},{N},{K},{M},{c},{t:.2f}\n" for c, t in times.items())
+                csv.flush()
                 best = min((t, c) for c, t in times.items() if c != "auto")
                 print(f"N={N:>6} K={K:>6} M={M:>3}  best {best[1]} {best[0]:8.1f} us  auto {times['auto']:8.1f} us "
                       f"({times['auto'] / best[0]:.2f}x)", flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "configs.csv").write_text("\n".join(lines) + "\n")
+            del w  # freed before the next weight is quantized: the large ones take tens of GB
     return 1 if wrong else 0
 
 
@@ -297,6 +305,7 @@ def main() -> int:
     p.add_argument("--n", type=ints, default=[512, 1024, 2048, 3072, 4096, 6144, 8192, 16384], help="configs: N values")
     p.add_argument("--k", type=ints, default=[4096, 14336], help="configs: K values")
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["bf16", "fp16", "fp32"])
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="configs: activation dtype")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=0.2)
     p.add_argument("--all-fp32", action="store_true", help="time every impl in fp32, not only simt")
