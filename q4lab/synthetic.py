@@ -49,9 +49,15 @@ _BASE_CROSSOVER = {
 # A made-up shape, no model's layer: with the launcher's model, only a narrow N (a grid that leaves SMs
 # idle) under a K wide enough for its bytes to outweigh the launch makes a wave tail an outlier.
 _PROBE = ("probe.narrow_wide", 512, 65536, "probe")
-# (name, N, K, family) of those shapes, from q4lab.shapes
-SHAPES = tuple(_PROBE if name == _PROBE[0] else (lambda s: (s.name, s.N, s.K, s.family))(get_shape(name))
-               for name in _BASE_CROSSOVER)
+
+
+def _canonical(name: str) -> tuple[str, int, int, str]:
+    s = get_shape(name)
+    return s.name, s.N, s.K, s.family
+
+
+# (name, N, K, family) of those shapes: q4lab.shapes' but the probe
+SHAPES = tuple(_PROBE if name == _PROBE[0] else _canonical(name) for name in _BASE_CROSSOVER)
 MS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 _DEVICE_SCALE = {"H100": 1.0, "gfx1201": 0.75}
