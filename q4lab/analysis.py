@@ -62,11 +62,15 @@ def _crowding(resident_blocks: int) -> float:
     return max(1.0, SIMT_WARPS_PER_BLOCK * resident_blocks / 9)
 
 
+def simt_blocks(N: int, M: int, R: int, MT: int) -> int:
+    """Thread blocks of one (R, MT) simt launch for an [M, K] x [N, K]^T product."""
+    return math.ceil(N / (SIMT_WARPS_PER_BLOCK * R)) * math.ceil(M / MT)
+
+
 def simt_model_ns(N: int, M: int, K: int, R: int, MT: int, sm_count: int, blocks_per_sm: int) -> float:
     """Modelled time of one (R, MT) launch: the busiest SM's share of the grid, ceil(blocks / SMs), run in
     waves of `blocks_per_sm` blocks."""
-    blocks = math.ceil(N / (SIMT_WARPS_PER_BLOCK * R)) * math.ceil(M / MT)
-    per_sm = math.ceil(blocks / sm_count)
+    per_sm = math.ceil(simt_blocks(N, M, R, MT) / sm_count)
     waves, rest = divmod(per_sm, blocks_per_sm)
     return simt_block_ns(R, MT, K) * (waves * _crowding(blocks_per_sm) + (_crowding(rest) if rest else 0.0))
 
@@ -99,9 +103,9 @@ def wave_slowdown(N: int, M: int, K: int, arch: str, sm_count: int | None = None
         return None
     sms, residency = geometry
     R, MT = simt_launch(N, M, K, sms, residency)
-    blocks = math.ceil(N / (SIMT_WARPS_PER_BLOCK * R)) * math.ceil(M / MT)
-    even_ns = simt_block_ns(R, MT, K) * blocks / (sms * residency[(R, MT)]) * _crowding(residency[(R, MT)])
-    return simt_model_ns(N, M, K, R, MT, sms, residency[(R, MT)]) / even_ns
+    resident = residency[(R, MT)]
+    even_ns = simt_block_ns(R, MT, K) * simt_blocks(N, M, R, MT) / (sms * resident) * _crowding(resident)
+    return simt_model_ns(N, M, K, R, MT, sms, resident) / even_ns
 
 
 # ---------------------------------------------------------------------------------------------------------

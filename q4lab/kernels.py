@@ -25,6 +25,9 @@ KERNEL_DIR = Path(os.environ.get("Q4LAB_KERNELS", Path(__file__).resolve().paren
 LIB_NAME = "libq4lab.so"
 # What `q4lab build` makes when there is no GPU to ask: the NVIDIA archs the project supports.
 DEFAULT_CUDA_TARGETS = ("sm_80", "sm_89", "sm_90")
+# The simt (rows per warp, M tile) configurations in the order of the library's 12-entry residency tables
+# (q4_simt_config, q4_simt_blocks_per_sm: index log2(R) * 4 + log2(MT)).
+SIMT_TABLE_ORDER = tuple((R, MT) for R in (1, 2, 4) for MT in (1, 2, 4, 8))
 
 
 class KernelError(RuntimeError):

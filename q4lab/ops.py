@@ -144,9 +144,9 @@ def simt_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *,
 def simt_blocks_per_sm(dtype: torch.dtype, nested: bool = False) -> dict[tuple[int, int], int]:
     """Resident blocks per SM of each simt (rows per warp, M tile) instance on the current GPU, as the
     launcher reads them from the runtime (compare `analysis.SM90_BLOCKS_PER_SM`)."""
-    table = (ctypes.c_int * 12)()
+    table = (ctypes.c_int * len(kernels.SIMT_TABLE_ORDER))()
     kernels.check(kernels.library().q4_simt_blocks_per_sm(_DTYPE_CODE[dtype], int(nested), table))
-    return {(R, MT): table[r * 4 + m] for r, R in enumerate((1, 2, 4)) for m, MT in enumerate((1, 2, 4, 8))}
+    return dict(zip(kernels.SIMT_TABLE_ORDER, table))
 
 
 def dequantize_gpu(w: Q4Weight, dtype: torch.dtype) -> torch.Tensor:

@@ -249,9 +249,6 @@ def profile(args) -> int:
     return 0
 
 
-SIMT_CONFIGS = [(R, MT) for R in (1, 2, 4) for MT in (1, 2, 4, 8)]
-
-
 def configs(args) -> int:
     """Every (rows per warp R, activation rows per block MT) over a grid of N, K and M in one activation
     dtype (`--dtype`, bf16 by default): the data the launch rule (q4_simt_config) is fitted to. `auto` is
@@ -277,7 +274,7 @@ def configs(args) -> int:
                     continue
                 out = torch.empty(M, N, dtype=A.dtype, device=dev)
                 times = {}
-                for R, MT in [(0, 0), *SIMT_CONFIGS]:
+                for R, MT in [(0, 0), *analysis.SIMT_CONFIGS]:
                     name = "auto" if R == 0 else f"r{R}m{MT}"
                     fn = (lambda R=R, MT=MT: ops.simt_gemm(A, w, rows_per_warp=R, m_tile=MT, out=out))
                     out.fill_(float("nan"))  # poison
