@@ -53,9 +53,10 @@ q4_gemm_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__
   // step c takes its own from lane src[c]. A group starts on a block boundary whenever blocksize <= G;
   // a larger block covers the whole group (mask 0, src 0).
   const int group_block_mask = max(G >> w.blocksize_log2, 1) - 1;
-  int src[4];
+  int src[4] = {};
+  if constexpr (INTERLEAVED)
 #pragma unroll
-  for (int c = 0; c < 4; ++c) src[c] = ((c * Q4_WARP + lane) * 8) >> w.blocksize_log2;
+    for (int c = 0; c < 4; ++c) src[c] = ((c * Q4_WARP + lane) * 8) >> w.blocksize_log2;
 
   // Software pipeline, two stages: while a lane decodes U groups of R rows, the weight and absmax loads of
   // its next U groups are already in flight (U*R*16 bytes a lane, twice that held in registers). Without
@@ -219,32 +220,39 @@ static const int* q4_blocks_per_sm(int dtype, bool nested) {
 extern "C" {
 
 // The simt launch configuration: the (R, MT) whose modelled time is least. A block's work is
-// groups * (R * row_ns[R] + MT * 100 + R * MT * 40) + 50 ns for one warp alone (decode per row, activation
-// loads per row of the M tile, FMAs per pair; row_ns 100, 140, 190 for R = 1, 2, 4: more rows per warp
-// cost more per row, register pressure at the 128-register bound), and an SM runs its share of the grid
-// (ceil(blocks / SMs)) in waves of `blocks_per_sm[config]` blocks, each wave slowed by
+// groups * (R * row_ns[R] + MT * act_ns + R * MT * 40) + 50 ns for one warp alone: decode per weight row
+// (row_ns 100, 140, 190 for R = 1, 2, 4: a warp's rows share its issue slots and registers, so each row
+// costs more the more rows it holds), activation loads per row of the M tile (act_ns 100 for fp16/bf16,
+// 275 for fp32, whose 8 activations a lane touch twice the cache lines), FMAs per pair. An SM runs its
+// share of the grid (ceil(blocks / SMs)) in waves of `blocks_per_sm[config]` blocks, each wave slowed by
 // max(1, resident warps / 9): about 9 warps saturate an SM's L1 data pipe. MT never exceeds M rounded up
-// to a power of two; ties go to more rows per warp, then the larger M tile. Fitted on an H100 sweep of all
-// 12 configurations over N 512..128256, K 2048..14336, M 1..128 (docs/bench/h100_2026-11-26_v6_rule.csv):
-// 1.004x of the best configuration (geometric mean over 616 points, worst 1.13x), where the rule before it
-// (the most reuse whose grid gives every SM a block) was 1.042x off and 1.62x at worst.
-void q4_simt_config(int N, int M, int K, int sm_count, const int* blocks_per_sm, int* rows_per_warp,
-                    int* m_tile) {
+// to a power of two; ties go to more rows per warp, then the larger M tile. Fitted on H100 sweeps of all
+// 12 configurations: bf16 over N 512..128256, K 2048..14336, M 1..128 (docs/bench/h100_2026-11-26_v6_rule.csv,
+// 1.004x of the best configuration, geometric mean over 616 points, worst 1.13x) and fp32 over N
+// 1024..128256, K 4096..14336, M 1..16 (h100_2026-11-26_v6rule_configs_fp32.csv: 1.006x, worst 1.11x, where
+// pricing fp32 activations like bf16's gave 1.025x and 1.41x at worst).
+// On entry *rows_per_warp / *m_tile > 0 fix that choice (exploring) and the model picks the other; returns
+// 0, or q4_invalid_value when no instantiated configuration matches what was fixed.
+int q4_simt_config(int N, int M, int K, int dtype, int sm_count, const int* blocks_per_sm, int* rows_per_warp,
+                   int* m_tile) {
+  const int fixed_R = *rows_per_warp, fixed_MT = *m_tile;
   const int mt_max = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8;
+  const double act_ns = dtype == Q4_F32 ? 275 : 100;
   double best_ns = -1;
   for (int r = 2; r >= 0; --r)
     for (int mt = 3; mt >= 0; --mt) {
       const int R = 1 << r, MT = 1 << mt, resident = blocks_per_sm[r * 4 + mt];
-      if (MT > mt_max) continue;
+      if ((fixed_R > 0 && R != fixed_R) || (fixed_MT > 0 ? MT != fixed_MT : MT > mt_max)) continue;
       const long blocks = (long)((N + Q4_WARPS * R - 1) / (Q4_WARPS * R)) * ((M + MT - 1) / MT);
       const long per_sm = (blocks + sm_count - 1) / sm_count;  // the busiest SM's share
       const long waves = per_sm / resident, rest = per_sm % resident;
       const double row_ns = R == 1 ? 100 : R == 2 ? 140 : 190;
-      const double block_ns = K / 1024.0 * (R * row_ns + MT * 100 + R * MT * 40) + 50;
+      const double block_ns = K / 1024.0 * (R * row_ns + MT * act_ns + R * MT * 40) + 50;
       const double ns = block_ns * (waves * fmax(1.0, Q4_WARPS * resident / 9.0) +
                                     (rest ? fmax(1.0, Q4_WARPS * rest / 9.0) : 0.0));
       if (best_ns < 0 || ns < best_ns) *rows_per_warp = R, *m_tile = MT, best_ns = ns;
     }
+  return best_ns < 0 ? (int)q4_invalid_value : 0;
 }
 
 // Resident blocks per SM/CU of the 12 simt configurations (index log2(R) * 4 + log2(MT)) on the current
@@ -256,8 +264,8 @@ int q4_simt_blocks_per_sm(int dtype, int nested, int* out) {
   return 0;
 }
 
-// impl 0 = simt, 1 = gemv. rows_per_warp/m_tile > 0 override the simt launch configuration (for exploring:
-// R in {1,2,4}, MT in {1,2,4,8}); 0 takes q4_simt_config's choice.
+// impl 0 = simt, 1 = gemv. rows_per_warp/m_tile > 0 fix that part of the simt launch configuration (for
+// exploring: R in {1,2,4}, MT in {1,2,4,8}); 0 takes q4_simt_config's choice.
 int q4_gemm(int impl, int dtype, int nested, const void* A, const uint8_t* packed, const void* absmax,
             const float* nested_absmax, const float* nested_code, float nested_offset, const float* code,
             const void* bias, void* out, int M, int N, int K, int blocksize, int rows_per_warp, int m_tile,
@@ -268,9 +276,9 @@ int q4_gemm(int impl, int dtype, int nested, const void* A, const uint8_t* packe
   if (!gemv) {
     static int sms = 0;
     if (sms == 0) sms = q4_sm_count();
-    q4_simt_config(N, M, K, sms > 0 ? sms : 1, q4_blocks_per_sm(dtype, nested != 0), &R, &MT);
-    if (rows_per_warp > 0) R = rows_per_warp;
-    if (m_tile > 0) MT = m_tile;
+    R = rows_per_warp, MT = m_tile;
+    if (q4_simt_config(N, M, K, dtype, sms > 0 ? sms : 1, q4_blocks_per_sm(dtype, nested != 0), &R, &MT) != 0)
+      return (int)q4_invalid_value;
     grid_y = (M + MT - 1) / MT;
   }
   const q4_kernel_t kernel = q4_instance_all(dtype, nested != 0, gemv, R, MT);

@@ -28,6 +28,7 @@ DEFAULT_CUDA_TARGETS = ("sm_80", "sm_89", "sm_90")
 # The simt (rows per warp, M tile) configurations in the order of the library's 12-entry residency tables
 # (q4_simt_config, q4_simt_blocks_per_sm: index log2(R) * 4 + log2(MT)).
 SIMT_TABLE_ORDER = tuple((R, MT) for R in (1, 2, 4) for MT in (1, 2, 4, 8))
+DTYPE_CODES = {"fp16": 0, "bf16": 1, "fp32": 2}  # activation dtypes as the C interface numbers them (q4_port.h)
 
 
 class KernelError(RuntimeError):
@@ -166,8 +167,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q4_gemm.restype = i
     lib.q4_dequantize.argtypes = [i, i, p, p, p, p, f, p, p, i, i, i, p]
     lib.q4_dequantize.restype = i
-    lib.q4_simt_config.argtypes = [i, i, i, i, ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i)]
-    lib.q4_simt_config.restype = None
+    lib.q4_simt_config.argtypes = [i, i, i, i, i, ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i)]
+    lib.q4_simt_config.restype = i
     lib.q4_simt_blocks_per_sm.argtypes = [i, i, ctypes.POINTER(i)]
     lib.q4_simt_blocks_per_sm.restype = i
     for name in ("q4_source_hash", "q4_targets"):

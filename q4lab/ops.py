@@ -22,7 +22,7 @@ from q4lab.formats import Q4Weight
 
 IMPLS = ("simt", "gemv", "dequant_blas", "dense", "bnb", "reference")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # kernels/q4_port.h Q4_F16..Q4_F32
+_DTYPE_CODE = {DTYPES[name]: code for name, code in kernels.DTYPE_CODES.items()}
 _DTYPE_NAME = {dtype: name for name, dtype in DTYPES.items()}
 _KERNEL_IMPL = {"simt": 0, "gemv": 1}
 
@@ -143,7 +143,7 @@ def simt_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *,
 
 def simt_blocks_per_sm(dtype: torch.dtype, nested: bool = False) -> dict[tuple[int, int], int]:
     """Resident blocks per SM of each simt (rows per warp, M tile) instance on the current GPU, as the
-    launcher reads them from the runtime (compare `analysis.SM90_BLOCKS_PER_SM`)."""
+    launcher reads them from the runtime (compare `analysis.SM90_BLOCKS_PER_SM[dtype name]`)."""
     table = (ctypes.c_int * len(kernels.SIMT_TABLE_ORDER))()
     kernels.check(kernels.library().q4_simt_blocks_per_sm(_DTYPE_CODE[dtype], int(nested), table))
     return dict(zip(kernels.SIMT_TABLE_ORDER, table))

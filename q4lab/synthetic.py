@@ -167,7 +167,7 @@ def synthetic_dataset(devices=tuple(DEVICES), shapes=SHAPES, ms=MS, dtypes=("fp1
                     raise ValueError(f"no planted crossover for ({key!r}, {name!r}); add it to `crossovers`")
                 wave = 1.0
                 if (key, name) in wave_tails:
-                    wave = wave_slowdown(N, 1, K, dev["arch"])
+                    wave = wave_slowdown(N, 1, K, dev["arch"], dtype=dtype)
                     if wave < 1.5:
                         raise ValueError(f"wave tail ({key}, {name}): the wave model predicts only {wave:.2f}x; "
                                          f"plant it on a shape whose grid leaves a mostly empty last wave")

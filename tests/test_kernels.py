@@ -33,12 +33,15 @@ def cuda_library(tmp_path_factory):
         return kernels.build(CI_TARGETS, vendor="cuda")
 
 
-def simt_config(lib, N: int, M: int, K: int, sm_count: int, blocks_per_sm: dict) -> tuple[int, int]:
-    """(rows per warp, activation rows per block) the library's simt launcher picks: host code, no GPU."""
+def simt_config(lib, N: int, M: int, K: int, sm_count: int, blocks_per_sm: dict, dtype: str = "bf16",
+                fixed: tuple[int, int] = (0, 0)) -> tuple[int, int] | None:
+    """(rows per warp, activation rows per block) the library's simt launcher picks, with `fixed` (R, MT)
+    parts > 0 imposed; None when it refuses. Host code, no GPU."""
     table = (ctypes.c_int * len(kernels.SIMT_TABLE_ORDER))(*[blocks_per_sm[c] for c in kernels.SIMT_TABLE_ORDER])
-    rows_per_warp, m_tile = ctypes.c_int(), ctypes.c_int()
-    lib.q4_simt_config(N, M, K, sm_count, table, ctypes.byref(rows_per_warp), ctypes.byref(m_tile))
-    return rows_per_warp.value, m_tile.value
+    rows_per_warp, m_tile = ctypes.c_int(fixed[0]), ctypes.c_int(fixed[1])
+    rc = lib.q4_simt_config(N, M, K, kernels.DTYPE_CODES[dtype], sm_count, table, ctypes.byref(rows_per_warp),
+                            ctypes.byref(m_tile))
+    return (rows_per_warp.value, m_tile.value) if rc == 0 else None
 
 
 def test_nvcc_builds_the_library_for_the_ci_archs_and_it_loads_without_a_gpu(cuda_library):
@@ -48,15 +51,27 @@ def test_nvcc_builds_the_library_for_the_ci_archs_and_it_loads_without_a_gpu(cud
     assert lib.q4_warp_size() == 32
     # the launch heuristics are plain host code in the library: callable without a GPU
     from q4lab import analysis
-    h100 = analysis.SM90_BLOCKS_PER_SM
+    h100, h100_fp32 = analysis.SM90_BLOCKS_PER_SM["bf16"], analysis.SM90_BLOCKS_PER_SM["fp32"]
     assert simt_config(lib, 28672, 8, 8192, 132, h100) == (4, 8)
     assert simt_config(lib, 1024, 1, 4096, 132, h100) == (1, 1)
-    # the wave model in analysis mirrors the launcher, on the H100's residency and on a uniform one
+    # fp32 activations cost more a row: the 128256-row lm_head at M=2 reuses them over 4 weight rows (the
+    # fp32 sweep: r4m2 196.2 us against r2m2's 275.4), where bf16 keeps 2
+    assert simt_config(lib, 128256, 2, 4096, 132, h100_fp32, "fp32") == (4, 2)
+    assert simt_config(lib, 128256, 2, 4096, 132, h100, "bf16") == (2, 2)
+    # a fixed part is kept and the model picks the rest, past the M tile cap too; a part no instance has
+    # is refused
+    assert simt_config(lib, 28672, 8, 8192, 132, h100, fixed=(1, 0))[0] == 1
+    assert simt_config(lib, 28672, 1, 8192, 132, h100, fixed=(0, 8)) == (4, 8)
+    assert simt_config(lib, 28672, 1, 8192, 132, h100, fixed=(2, 4)) == (2, 4)
+    assert simt_config(lib, 28672, 1, 8192, 132, h100, fixed=(3, 0)) is None
+    # the wave model in analysis mirrors the launcher, on the H100's residencies and on a uniform one
     uniform = {c: 3 for c in analysis.SIMT_CONFIGS}
-    for N, M, K, sms, table in itertools.product((1, 37, 512, 1024, 2112, 3072, 4224, 9216, 128256),
-                                                 (1, 2, 3, 5, 8, 9, 12, 64, 2048), (64, 4096, 14336),
-                                                 (108, 132, 304), (h100, uniform)):
-        assert analysis.simt_launch(N, M, K, sms, table) == simt_config(lib, N, M, K, sms, table), (N, M, K, sms)
+    for N, M, K, sms, dtype, table in itertools.product(
+            (1, 37, 512, 1024, 2112, 3072, 4224, 9216, 128256), (1, 2, 3, 5, 8, 9, 12, 64, 2048), (64, 4096, 14336),
+            (108, 132, 304), ("bf16", "fp32"), ("sm90", "uniform")):
+        residency = analysis.SM90_BLOCKS_PER_SM[dtype] if table == "sm90" else uniform
+        assert analysis.simt_launch(N, M, K, sms, residency, dtype) == simt_config(lib, N, M, K, sms, residency, dtype), \
+            (N, M, K, sms, dtype, table)
 
 
 def test_a_second_build_reuses_the_cached_library(cuda_library, monkeypatch):
