@@ -483,6 +483,6 @@ def test_shipped_dataset_was_measured_with_the_current_kernels(path):
 
 def test_auto_dispatch_thresholds_are_the_ones_the_shipped_grid_fits():
     from q4lab import analysis, ops
-    summary = analysis.crossover_summary(dataset.load(REPO / "data" / "h200_mgrid.parquet"))
+    summary = analysis.crossover_summary(dataset.load(REPO / "data" / "h100_mgrid.parquet"))
     fitted = dict(summary.select("dtype", "threshold_m").iter_rows())
     assert fitted == ops.AUTO_SIMT_MAX_M, "re-fit q4lab.ops.AUTO_SIMT_MAX_M (and README) to the shipped grid"
