@@ -131,7 +131,8 @@ def simt_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *,
               m_tile: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
     """The simt kernel with its launch configuration chosen by hand: `rows_per_warp` R in {1, 2, 4}
     (weight rows a warp reuses each activation load for) and `m_tile` MT in {1, 2, 4, 8} (activation rows
-    a block reuses each decoded weight for); 0 keeps the heuristic gemm_4bit(impl="simt") uses."""
+    a block reuses each decoded weight for); 0 lets the launch model gemm_4bit(impl="simt") uses pick that
+    part, given the other (`analysis.simt_launch` mirrors it when both are 0)."""
     if rows_per_warp not in (0, 1, 2, 4) or m_tile not in (0, 1, 2, 4, 8):
         raise ValueError(f"rows_per_warp must be 1, 2 or 4 and m_tile 1, 2, 4 or 8 (0 = automatic); got "
                          f"{rows_per_warp}, {m_tile}")
