@@ -254,11 +254,13 @@ def configs(args) -> int:
     dtype (`--dtype`, bf16 by default): the data the launch rule (q4_simt_config) is fitted to. `auto` is
     the rule's own choice. Each configuration's output is checked against the float64 reference before it
     is timed; a wrong one fails the run. Each point is appended to $OUT/configs.csv as it is measured, so a
-    run cut short keeps what it took; a point whose reference does not fit in memory is skipped, loudly."""
+    run cut short keeps what it took; a point whose reference does not fit in memory is skipped, loudly.
+    `Q4LAB_KERNELS=DIR` times an experiment's copy of kernels/ instead (docs/PERF.md, session 5)."""
     dev, dtype = torch.device("cuda"), ops.DTYPES[args.dtype]
-    residency = ops.simt_blocks_per_sm(dtype)
+    residency, sms = ops.simt_blocks_per_sm(dtype), torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"{args.dtype}: resident blocks per SM (R, MT): {residency}"
-          + ("" if residency == analysis.SM90_BLOCKS_PER_SM[args.dtype] else "  (differs from analysis.SM90_BLOCKS_PER_SM)"))
+          + ("" if residency == analysis.SM90_BLOCKS_PER_SM[args.dtype] else
+             "  (differs from analysis.SM90_BLOCKS_PER_SM)"))
     OUT.mkdir(parents=True, exist_ok=True)
     wrong = 0
     with open(OUT / "configs.csv", "w") as csv:
@@ -287,9 +289,9 @@ def configs(args) -> int:
                 csv.writelines(f"{args.dtype},{N},{K},{M},{c},{t:.2f}\n" for c, t in times.items())
                 csv.flush()
                 best = min((t, c) for c, t in times.items() if c != "auto")
-                pick = "r{}m{}".format(*analysis.simt_launch(N, M, K, torch.cuda.get_device_properties(dev).multi_processor_count,
-                                                              residency, args.dtype))
-                print(f"N={N:>6} K={K:>6} M={M:>3}  best {best[1]} {best[0]:8.1f} us  auto ({pick}) {times['auto']:8.1f} us "
+                pick = "r{}m{}".format(*analysis.simt_launch(N, M, K, sms, residency, args.dtype))  # auto's, mirrored
+                print(f"N={N:>6} K={K:>6} M={M:>3}  best {best[1]} {best[0]:8.1f} us  "
+                      f"auto ({pick}) {times['auto']:8.1f} us "
                       f"({times['auto'] / best[0]:.2f}x)", flush=True)
             del w  # freed before the next weight is quantized: the large ones take tens of GB
     return 1 if wrong else 0

@@ -168,7 +168,8 @@ def test_wave_model():
     assert analysis.simt_launch(512, 3, 4096)[1] <= 4  # never an M tile past M rounded up to a power of two
     # fp32 activations cost 275 ns a row, not 100: the fp32 sweep (h100_2026-11-26_v6rule_configs_fp32.csv)
     # has the lm_head at M=1 on 4 rows a warp (r4m1 145.5 us against r2m1's 167.4)
-    assert analysis.simt_launch(128256, 1, 4096) == (2, 1) and analysis.simt_launch(128256, 1, 4096, dtype="fp32") == (4, 1)
+    assert analysis.simt_launch(128256, 1, 4096) == (2, 1)
+    assert analysis.simt_launch(128256, 1, 4096, dtype="fp32") == (4, 1)
     assert analysis.simt_block_ns(2, 1, 8192, "fp32") - analysis.simt_block_ns(2, 1, 8192) == 8 * 175
     # 3584 blocks, 28 on the busiest of 132 SMs: 7 waves of 4 blocks (16 warps, 16/9 crowding), each block
     # 8 groups x (2 x 140 + 100 + 2 x 40) + 50 ns
