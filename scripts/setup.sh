@@ -71,27 +71,36 @@ install_cpu_torch() {
     fi
 }
 
+write_torch_pin() {
+    # Imports torch in .venv (the check that it is there) and pins that version; fails if it is not there.
+    # -W ignore: a torch imported before numpy is installed warns about it on stderr.
+    "$VENV/bin/python" -W ignore -c "import torch; print('torch==' + torch.__version__)" >"$TORCH_PIN"
+}
+
 set_up_torch() {
-    if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    if write_torch_pin 2>/dev/null; then
         return # already there: reused from PYTHON, installed by an earlier run, or put there by the user
     fi
-    local torch_dir
-    if torch_dir=$("$PYTHON" -W ignore -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))" 2>/dev/null); then
+    local found torch_dir
+    # One import in PYTHON gives both the directory and the version (a CUDA torch takes seconds to import).
+    if found=$("$PYTHON" -W ignore -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__))); print(torch.__version__)" 2>/dev/null); then
+        torch_dir=${found%%$'\n'*}
         # A .pth rather than `venv --system-site-packages`: it also works when PYTHON is itself a venv's or a
         # user-site python. Its directory comes after .venv's own site-packages, so .venv's packages win.
         local site
         site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
         echo "$torch_dir" >"$site/$REUSE_PTH"
-        if ! "$VENV/bin/python" -W ignore -c "import torch" 2>/dev/null; then
+        if ! write_torch_pin 2>/dev/null; then
             rm "$site/$REUSE_PTH"
             echo "setup: error: the torch in $torch_dir does not import in .venv (made from another Python?);" \
                 "start over: rm -rf .venv && make test PYTHON=$PYTHON" >&2
             exit 1
         fi
-        say "reusing $("$PYTHON" -W ignore -c "import torch; print('torch', torch.__version__)") from $torch_dir"
+        say "reusing torch ${found##*$'\n'} from $torch_dir"
     else
         say "$PYTHON has no torch: installing the CPU build torch $CPU_TORCH_VERSION"
         install_cpu_torch
+        write_torch_pin || { echo "setup: error: the CPU build of torch does not import in .venv (above)" >&2; exit 1; }
     fi
 }
 
@@ -119,8 +128,6 @@ if [ ! -x "$VENV/bin/python" ]; then
     }
 fi
 set_up_torch
-# -W ignore: a torch imported before numpy is installed warns about it on stderr.
-"$VENV/bin/python" -W ignore -c "import torch; print('torch==' + torch.__version__)" >"$TORCH_PIN"
 say "installing q4lab[all] with $(cat "$TORCH_PIN") pinned (minutes on a first run)"
 if ! "$VENV/bin/python" -m pip install --quiet --constraint "$TORCH_PIN" --editable ".[all]"; then
     echo "setup: error: pip failed (above). If it names a torch conflict: .venv's $(cat "$TORCH_PIN") is pinned" \
