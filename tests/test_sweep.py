@@ -481,6 +481,29 @@ def test_shipped_dataset_was_measured_with_the_current_kernels(path):
         f"re-measure it on a GPU (commands in data/README.md) so the shipped data describes the shipped kernels")
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_dataset_names_a_commit_whose_kernels_it_measured(path, tmp_path):
+    # Q4LAB_GIT_COMMIT is typed by hand when a sweep runs on a copy of the tree: a typo or a dirty tree
+    # would leave rows that no checkout can reproduce
+    from q4lab import kernels
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse", "--git-dir"], capture_output=True).returncode:
+        pytest.skip("not a git checkout: the recorded commits cannot be looked up")
+    shallow = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--is-shallow-repository"],
+                             capture_output=True, text=True).stdout.strip() == "true"
+    pairs = dataset.load(path).select("git_commit", "kernel_hash").unique().iter_rows()
+    for commit, kernel_hash in pairs:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "kernels"],
+                                 capture_output=True)
+        if archive.returncode and shallow:
+            pytest.skip(f"shallow clone: commit {commit} may lie outside it (git fetch --unshallow to check)")
+        assert archive.returncode == 0, (
+            f"{path.name}: git_commit {commit!r} is not a commit of this repository "
+            f"({archive.stderr.decode().strip()}); the rows must name the clean commit they were measured from")
+        subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive.stdout, check=True)
+        assert kernels.source_hash(tmp_path / "kernels") == kernel_hash, (
+            f"{path.name}: commit {commit}'s kernels/ does not hash to the recorded {kernel_hash}")
+
+
 def test_auto_dispatch_thresholds_are_the_ones_the_shipped_grid_fits():
     from q4lab import analysis, ops
     summary = analysis.crossover_summary(dataset.load(REPO / "data" / "h100_mgrid.parquet"))
