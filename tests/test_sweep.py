@@ -499,8 +499,10 @@ def test_shipped_dataset_names_a_commit_whose_kernels_it_measured(path, tmp_path
         assert archive.returncode == 0, (
             f"{path.name}: git_commit {commit!r} is not a commit of this repository "
             f"({archive.stderr.decode().strip()}); the rows must name the clean commit they were measured from")
-        subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive.stdout, check=True)
-        assert kernels.source_hash(tmp_path / "kernels") == kernel_hash, (
+        tree = tmp_path / commit  # one folder a commit: a file another commit lacks must not linger
+        tree.mkdir()
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+        assert kernels.source_hash(tree / "kernels") == kernel_hash, (
             f"{path.name}: commit {commit}'s kernels/ does not hash to the recorded {kernel_hash}")
 
 
