@@ -19,6 +19,8 @@
 //    absmax of the group and the lanes trade them by shuffle.
 //  * sliced (gemv, the classic design): lane l owns the 16 contiguous bytes 16l..16l+15 of the group, one
 //    16-byte load, 32 weights inside one absmax block (blocksize >= 32).
+// The multiply: fp32 FMAs on weights decoded to fp32, except fp16 activations on AMD targets with
+// v_dot2_f32_f16 (Q4_DOT2_F16, q4_port.h), which multiply packed fp16 pairs, still accumulating in fp32.
 #include "q4_decode.h"
 
 constexpr int Q4_WARPS = 4;  // warps per block: 128 threads (256 on wave64) keeps 4+ blocks per SM/CU
@@ -60,8 +62,10 @@ q4_gemm_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__
 
   // Software pipeline, two stages: while a lane decodes U groups of R rows, the weight and absmax loads of
   // its next U groups are already in flight (U*R*16 bytes a lane, twice that held in registers). Without
-  // it every iteration exposed a full DRAM latency, and only more warps per SM hid it.
-  constexpr int U = 2;
+  // it every iteration exposed a full DRAM latency, and only more warps per SM hid it. fp32 with MT >= 4
+  // keeps one group a stage: its 8 MT rows of fp32 activations already fill the registers, and U = 2 cost
+  // it 12% at M 8..32 on an H100 (docs/PERF.md, u1f32); bf16/fp16 measured the same either way.
+  constexpr int U = DT == Q4_F32 && MT >= 4 ? 1 : 2;
   uint4 wq[U][R];
   Q4Scale sc[U][R];
   auto fetch = [&](int g0) {
@@ -107,12 +111,29 @@ q4_gemm_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int k = min(INTERLEAVED ? g * G + (c * Q4_WARP + lane) * 8 : g * G + lane * 32 + c * 8, K - 8);
+      auto word = [&](int r) { return c == 0 ? cw[r].x : c == 1 ? cw[r].y : c == 2 ? cw[r].z : cw[r].w; };
+      auto scale = [&](int r) { return INTERLEAVED ? q4_shfl(mine[r], src[c]) : mine[r]; };
+#if Q4_DOT2_F16
+      if constexpr (DT == Q4_F16) {  // fp16 activations on AMD: packed pairs straight into v_dot2_f32_f16
+        uint32_t wp[R][4];
+#pragma unroll
+        for (int r = 0; r < R; ++r) q4_decode8_f16x2(tables.code_f16, word(r), wp[r]);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          const uint4 a = q4_load_f16x8(arow[m], k);
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const float part = q4_dot2_f16(wp[r][3], a.w, q4_dot2_f16(wp[r][2], a.z,
+                               q4_dot2_f16(wp[r][1], a.y, q4_dot2_f16(wp[r][0], a.x, 0.f))));
+            acc[r][m] = fmaf(part, scale(r), acc[r][m]);
+          }
+        }
+        continue;
+      }
+#endif
       float wv[R][8];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const uint32_t word = c == 0 ? cw[r].x : c == 1 ? cw[r].y : c == 2 ? cw[r].z : cw[r].w;
-        q4_decode8(tables.code, word, wv[r]);
-      }
+      for (int r = 0; r < R; ++r) q4_decode8(tables.code, word(r), wv[r]);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         float a[8];
@@ -122,7 +143,7 @@ q4_gemm_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__
           float part = wv[r][0] * a[0];
 #pragma unroll
           for (int j = 1; j < 8; ++j) part = fmaf(wv[r][j], a[j], part);
-          acc[r][m] = fmaf(part, INTERLEAVED ? q4_shfl(mine[r], src[c]) : mine[r], acc[r][m]);
+          acc[r][m] = fmaf(part, scale(r), acc[r][m]);
         }
       }
     }

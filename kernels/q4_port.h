@@ -44,6 +44,28 @@ typedef cudaError_t q4_err_t;
 #define Q4_WARP 32
 #endif
 
+// Packed fp16 dot product into fp32, c + a.lo*b.lo + a.hi*b.hi in one VALU op (v_dot2_f32_f16, LLVM's
+// dot7-insts): fp16 activations then feed the multiply as loaded, without the two widening converts a
+// pair and with half the multiply instructions. Arch-guarded: gfx900/gfx90c/gfx1010 lack it (hipcc
+// refuses the builtin there), and the host pass never multiplies. NVIDIA has no fp32-accumulating fp16
+// dot in its SIMT pipes before sm_100, so it keeps the fp32 FMAs.
+#if defined(Q4_AMD) && (defined(__gfx906__) || defined(__gfx908__) || defined(__gfx90a__) ||                \
+                        defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__) ||                 \
+                        defined(__gfx950__) || defined(__gfx1011__) || defined(__gfx1012__) ||               \
+                        defined(__gfx1030__) || defined(__gfx1031__) || defined(__gfx1032__) ||              \
+                        defined(__gfx1033__) || defined(__gfx1034__) || defined(__gfx1035__) ||              \
+                        defined(__gfx1036__) || defined(__gfx1100__) || defined(__gfx1101__) ||              \
+                        defined(__gfx1102__) || defined(__gfx1103__) || defined(__gfx1150__) ||              \
+                        defined(__gfx1151__) || defined(__gfx1200__) || defined(__gfx1201__))
+#define Q4_DOT2_F16 1
+typedef _Float16 q4_half2_t __attribute__((ext_vector_type(2)));
+__device__ __forceinline__ float q4_dot2_f16(uint32_t a, uint32_t b, float c) {
+  return __builtin_amdgcn_fdot2(__builtin_bit_cast(q4_half2_t, a), __builtin_bit_cast(q4_half2_t, b), c, false);
+}
+#else
+#define Q4_DOT2_F16 0
+#endif
+
 // Activation dtypes, numbered as the C interface passes them.
 enum { Q4_F16 = 0, Q4_BF16 = 1, Q4_F32 = 2 };
 
@@ -170,6 +192,11 @@ __device__ __forceinline__ void q4_load_act8(const void* row, int k, float a[8])
       }
     }
   }
+}
+
+// Eight consecutive fp16 activations as loaded: four packed pairs, the operand form of q4_dot2_f16.
+__device__ __forceinline__ uint4 q4_load_f16x8(const void* row, int k) {
+  return q4_load_cached(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(row) + k));
 }
 
 template <int DT>

@@ -177,16 +177,40 @@ def test_hipcc_compiles_every_kernel_for_amd_targets(tmp_path):
     assert all(out.stat().st_size > 0 for out, _ in jobs.values())
 
 
-def test_gfx1100_fused_kernel_reduces_with_dpp(tmp_path):
+@pytest.fixture(scope="module")
+def gfx1100_asm(tmp_path_factory) -> str:
+    """The fused kernel's gfx1100 device assembly (hipcc 5.2 builds no gfx1100 object, only assembly)."""
     need("hipcc")
-    asm = tmp_path / "q4_gemm.gfx1100.s"
+    asm = tmp_path_factory.mktemp("gfx1100") / "q4_gemm.gfx1100.s"
     proc = hipcc(["--offload-arch=gfx1100", "-nogpulib", "--cuda-device-only", "-S",
                   str(kernels.KERNEL_DIR / "q4_gemm.cu")], asm)
     assert proc.wait() == 0, proc.communicate()[0][-2000:]
     text = asm.read_text()
     assert ".amdgcn_target \"amdgcn-amd-amdhsa--gfx1100" in text
-    # the body of one fused-kernel instance (fp16, R=4, MT=1, not nested, interleaved), up to its end marker
-    start = text.index("_Z14q4_gemm_kernelILi0ELi4ELi1ELb0ELb1EEvPKv9Q4WeightsS1_Pvi:")
-    body = text[start:text.index(".Lfunc_end", start)]
+    return text
+
+
+def fused_body(asm: str, dtype: int, rows_per_warp: int) -> str:
+    """One simt instance's body (MT=1, not nested, interleaved), up to its end marker."""
+    start = asm.index(f"_Z14q4_gemm_kernelILi{dtype}ELi{rows_per_warp}ELi1ELb0ELb1EEvPKv9Q4WeightsS1_Pvi:")
+    return asm[start:asm.index(".Lfunc_end", start)]
+
+
+def test_gfx1100_fused_kernel_reduces_with_dpp(gfx1100_asm):
+    body = fused_body(gfx1100_asm, kernels.DTYPE_CODES["fp16"], 4)
     for shift in (8, 4, 2, 1):
         assert f"row_ror:{shift}" in body, f"no DPP row_ror:{shift} in the gfx1100 reduction"
+
+
+def test_gfx1100_fused_kernel_multiplies_fp16_with_dot2(gfx1100_asm):
+    """fp16 activations go as packed pairs into v_dot2 against fp16 weight pairs built by two LDS reads (the
+    second straight into the high half); bf16 has no such dot on this compiler and keeps fp32 FMAs. Both
+    extract a code's table offset with one v_perm_b32."""
+    fp16 = fused_body(gfx1100_asm, kernels.DTYPE_CODES["fp16"], 1)
+    bf16 = fused_body(gfx1100_asm, kernels.DTYPE_CODES["bf16"], 1)
+    # one unrolled pipeline iteration: 2 groups x 4 steps x 4 pairs of one row
+    assert fp16.count("v_dot2acc_f32_f16") == 32, fp16.count("v_dot2acc_f32_f16")
+    assert fp16.count("ds_load_u16_d16_hi") == 32
+    assert "v_dot2" not in bf16
+    for body in (fp16, bf16):
+        assert body.count("v_perm_b32") == 64, body.count("v_perm_b32")  # one a weight of the 64
