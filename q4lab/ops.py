@@ -27,10 +27,10 @@ _DTYPE_NAME = {dtype: name for name, dtype in DTYPES.items()}
 _KERNEL_IMPL = {"simt": 0, "gemv": 1}
 
 # impl="auto" uses simt for M <= AUTO_SIMT_MAX_M[activation dtype] rows, dequant_blas above: the dispatch
-# thresholds analysis.crossover_summary fits to data/h100_mgrid.parquet (H100, NF4/64; median crossovers
-# 13.7, 12.9 and 42.2 rows; on the H200 of session 4 they were 10.2, 10.7 and 38.8, thresholds 8, 8, 32).
+# thresholds analysis.crossover_summary fits to data/h100_mgrid.parquet (H100, NF4/64, kernels v7; median
+# crossovers 14.0, 13.2 and 49.3 rows; v6 on the H200 of session 4: 10.2, 10.7 and 38.8, thresholds 8, 8, 32).
 # Another device's sweep fits its own; assign this dict to use them.
-AUTO_SIMT_MAX_M = {"fp16": 12, "bf16": 12, "fp32": 32}
+AUTO_SIMT_MAX_M = {"fp16": 12, "bf16": 12, "fp32": 48}
 
 # Per-weight caches (dense copies, bitsandbytes' QuantState), keyed by the packed tensor's id and dropped
 # when that tensor is freed (tensors compare elementwise, so they cannot be dict keys themselves).
