@@ -70,13 +70,17 @@ def simt_blocks(N: int, M: int, R: int, MT: int) -> int:
     return math.ceil(N / (SIMT_WARPS_PER_BLOCK * R)) * math.ceil(M / MT)
 
 
+def _busiest_sm_blocks(N: int, M: int, R: int, MT: int, sm_count: int, blocks_per_sm: int) -> float:
+    """The busiest SM's share of the grid, ceil(blocks / SMs), run in waves of `blocks_per_sm` blocks: its
+    time in units of one block alone on an SM."""
+    waves, rest = divmod(math.ceil(simt_blocks(N, M, R, MT) / sm_count), blocks_per_sm)
+    return waves * _crowding(blocks_per_sm) + (_crowding(rest) if rest else 0.0)
+
+
 def simt_model_ns(N: int, M: int, K: int, R: int, MT: int, sm_count: int, blocks_per_sm: int,
                   dtype: str = "bf16") -> float:
-    """Modelled time of one (R, MT) launch: the busiest SM's share of the grid, ceil(blocks / SMs), run in
-    waves of `blocks_per_sm` blocks."""
-    per_sm = math.ceil(simt_blocks(N, M, R, MT) / sm_count)
-    waves, rest = divmod(per_sm, blocks_per_sm)
-    return simt_block_ns(R, MT, K, dtype) * (waves * _crowding(blocks_per_sm) + (_crowding(rest) if rest else 0.0))
+    """Modelled time of one (R, MT) launch (`_busiest_sm_blocks` blocks of `simt_block_ns` each)."""
+    return simt_block_ns(R, MT, K, dtype) * _busiest_sm_blocks(N, M, R, MT, sm_count, blocks_per_sm)
 
 
 def simt_launch(N: int, M: int, K: int, sm_count: int = 132,
@@ -110,9 +114,8 @@ def wave_slowdown(N: int, M: int, K: int, arch: str, sm_count: int | None = None
     sms, residency = geometry
     R, MT = simt_launch(N, M, K, sms, residency, dtype)
     resident = residency[(R, MT)]
-    block_ns = simt_block_ns(R, MT, K, dtype)
-    even_ns = block_ns * simt_blocks(N, M, R, MT) / (sms * resident) * _crowding(resident)
-    return simt_model_ns(N, M, K, R, MT, sms, resident, dtype) / even_ns
+    even = simt_blocks(N, M, R, MT) / (sms * resident) * _crowding(resident)  # the same unit: a block's time
+    return _busiest_sm_blocks(N, M, R, MT, sms, resident) / even
 
 
 # ---------------------------------------------------------------------------------------------------------
