@@ -165,14 +165,15 @@ def bench_cmd(args) -> int:
     dev = torch.device("cuda")
     facts = bench.device_facts(dev)
     gbps, launch = bench.device_gbps(dev), bench.launch_us(dev)
-    print(f"{facts['device']} {facts['arch']}  read {gbps:.0f} GB/s  launch {launch:.2f} us")
+    print(f"{facts['device']} {facts['arch']}  read {gbps:.0f} GB/s  launch {launch:.2f} us"
+          f"  NF4/64{', nested absmax' if args.nested else ''}")
     avail = ops.available_impls(dev)
     variants = variant_libraries(args.variant)
     shapes = [(int(s.split("x")[0]), int(s.split("x")[1])) for s in args.shapes.split(",")]
     items = []  # (label, N, K, M, dtype, impl, fn, bytes)
     for N, K in shapes:
         W = torch.randn(N, K, device=dev, dtype=torch.float16)
-        w = formats.quantize(W, "nf4", 64, False)
+        w = formats.quantize(W, "nf4", 64, args.nested)
         del W
         peer = int4_peer(N, K)
         for M, dname in itertools.product(args.m, args.dtypes):
@@ -241,7 +242,7 @@ def profile(args) -> int:
     dev = torch.device("cuda")
     for s, M, dname in itertools.product(args.shapes.split(","), args.m, args.dtypes):
         N, K = (int(x) for x in s.split("x"))
-        w = formats.quantize(torch.randn(N, K, device=dev, dtype=torch.float16), "nf4", 64, False)
+        w = formats.quantize(torch.randn(N, K, device=dev, dtype=torch.float16), "nf4", 64, args.nested)
         A = torch.randn(M, K, device=dev).to(ops.DTYPES[dname])
         for _ in range(2):
             ops.gemm_4bit(A, w, None, "simt")
@@ -267,7 +268,7 @@ def configs(args) -> int:
     with open(OUT / "configs.csv", "w") as csv:
         csv.write("dtype,N,K,M,config,time_us\n")
         for K, N in itertools.product(args.k, args.n):
-            w = formats.quantize(torch.randn(N, K, device=dev, dtype=torch.float16), "nf4", 64, False)
+            w = formats.quantize(torch.randn(N, K, device=dev, dtype=torch.float16), "nf4", 64, args.nested)
             for M in args.m:
                 A = torch.randn(M, K, device=dev).to(dtype)
                 try:
@@ -311,6 +312,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=0.2)
     p.add_argument("--all-fp32", action="store_true", help="time every impl in fp32, not only simt")
+    p.add_argument("--nested", action="store_true",
+                   help="bench/profile/configs: nested (double-quantized) absmax, as bitsandbytes' compress_statistics")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                    help="also time simt and gemv built from the kernel sources in DIR, as simt@NAME")
     args = p.parse_args()
