@@ -259,7 +259,8 @@ def configs(args) -> int:
     run cut short keeps what it took; a point whose reference does not fit in memory is skipped, loudly.
     `Q4LAB_KERNELS=DIR` times an experiment's copy of kernels/ instead (docs/PERF.md, session 5)."""
     dev, dtype = torch.device("cuda"), ops.DTYPES[args.dtype]
-    residency, sms = ops.simt_blocks_per_sm(dtype), torch.cuda.get_device_properties(dev).multi_processor_count
+    residency = ops.simt_blocks_per_sm(dtype, args.nested)  # what the launcher reads for these weights
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"{args.dtype}: resident blocks per SM (R, MT): {residency}"
           + ("" if residency == analysis.SM90_BLOCKS_PER_SM[args.dtype] else
              "  (differs from analysis.SM90_BLOCKS_PER_SM)"))

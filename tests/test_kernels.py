@@ -204,8 +204,8 @@ def test_gfx1100_fused_kernel_reduces_with_dpp(gfx1100_asm):
 
 def test_gfx1100_fused_kernel_multiplies_fp16_with_dot2(gfx1100_asm):
     """fp16 activations go as packed pairs into v_dot2 against fp16 weight pairs built by two LDS reads (the
-    second straight into the high half); bf16 has no such dot on this compiler and keeps fp32 FMAs. Both
-    extract a code's table offset with one v_perm_b32."""
+    second straight into the high half); bf16 keeps fp32 FMAs (its v_dot2_f32_bf16 is not used yet:
+    docs/PERF.md, next experiment 4). Both extract a code's table offset with one v_perm_b32."""
     fp16 = fused_body(gfx1100_asm, kernels.DTYPE_CODES["fp16"], 1)
     bf16 = fused_body(gfx1100_asm, kernels.DTYPE_CODES["bf16"], 1)
     # one unrolled pipeline iteration: 2 groups x 4 steps x 4 pairs of one row
