@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import polars as pl
 
-from q4lab.dataset import SCHEMA
+from q4lab.dataset import SCHEMA, check_values
 
 # What makes two measurements comparable; analyses never mix across these.
 CONFIG = ("device", "dtype", "quant_type", "blocksize", "nested", "cold")
@@ -121,12 +121,14 @@ def wave_slowdown(N: int, M: int, K: int, arch: str, sm_count: int | None = None
 # ---------------------------------------------------------------------------------------------------------
 def _points(df: pl.DataFrame, impl: str, sweeps: tuple[str, ...]) -> pl.DataFrame:
     """One row per measured point of `impl` in the given sweeps; repeats combined (median time, stable
-    only if every repeat was)."""
+    only if every repeat was). Rows with bad numbers raise `DatasetError` (a ValueError): no analysis
+    answers from them."""
     rows = df.filter(pl.col("impl") == impl, pl.col("sweep").is_in(sweeps))
     if rows.is_empty():
         present = sorted(df.filter(pl.col("sweep").is_in(sweeps))["impl"].unique().to_list())
         raise ValueError(f"no {'/'.join(sweeps)} rows for impl {impl!r}; impls measured there: {present} "
                          f"(pick one of those, or measure {impl!r} with `q4lab sweep`)")
+    check_values(rows, f"the {impl!r} {'/'.join(sweeps)} rows")
     return (rows.group_by(POINT, maintain_order=True)
             .agg(pl.col("time_us").median(), pl.col("stable").all(), pl.col("spread").max(),
                  pl.col("bytes").first(), pl.col("arch").first(),

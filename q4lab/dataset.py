@@ -6,6 +6,8 @@ concatenates them, so datasets from several devices sit side by side in one fram
 """
 from __future__ import annotations
 
+import ast
+import functools
 import glob as _glob
 from pathlib import Path
 
@@ -30,7 +32,7 @@ PROVENANCE = {
 # What was measured.
 MEASUREMENT = {
     "sweep": pl.Utf8,           # "grid" | "nsweep" | "repeat"
-    "impl": pl.Utf8,            # simt | gemv | dequant_blas | dense | bnb | reference
+    "impl": pl.Utf8,            # one of ops.IMPLS: simt | gemv | dequant_blas | dense | bnb | reference
     "dtype": pl.Utf8,           # activation dtype: "fp16" | "bf16" | "fp32"
     "quant_type": pl.Utf8,      # "nf4" | "fp4"
     "blocksize": pl.Int64,
@@ -61,7 +63,7 @@ COLUMNS = tuple(SCHEMA)
 
 
 class DatasetError(ValueError):
-    """A dataset that does not follow SCHEMA (missing/ill-typed columns, unreadable file)."""
+    """A dataset that does not follow SCHEMA (missing/ill-typed columns, bad values, unreadable file)."""
 
 
 def resolve(data) -> list[Path]:
@@ -69,25 +71,75 @@ def resolve(data) -> list[Path]:
     items = [data] if isinstance(data, (str, Path)) else list(data)
     if not items:
         raise DatasetError("no dataset given: name at least one (a parquet path, a glob, or a list of them)")
-    paths: list[Path] = []
+    paths: dict[Path, Path] = {}  # resolved -> as named: a file named twice (or by two globs) is read once
     for item in items:
         matches = sorted(_glob.glob(str(item))) if any(c in str(item) for c in "*?[") else [str(item)]
         if not matches or not all(Path(m).is_file() for m in matches):
             raise DatasetError(f"dataset {item!r}: no such file (give a parquet path, a glob, or a list of them)")
-        paths += [Path(m) for m in matches]
-    return paths
+        for m in matches:
+            paths.setdefault(Path(m).resolve(), Path(m))
+    return list(paths.values())
+
+
+@functools.cache
+def op_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(impl names, dtype names) as q4lab/ops.py defines them in IMPLS and DTYPES, read from its source:
+    importing ops would load torch, which reading a dataset never needs."""
+    tree = ast.parse((Path(__file__).parent / "ops.py").read_text(encoding="utf-8"))
+    found = {node.targets[0].id: node.value for node in tree.body
+             if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    return ast.literal_eval(found["IMPLS"]), tuple(ast.literal_eval(key) for key in found["DTYPES"].keys)
+
+
+def _value_rules() -> dict[str, pl.Expr]:
+    """What every row must satisfy, by the sentence an error names it with."""
+    times = ("time_us", "time_us_lo", "time_us_hi")
+    impls, dtypes = op_names()
+    within = pl.col("spread") + 1  # time_us is a median of round medians, lo/hi percentiles of all samples:
+    return {                       # they may disagree by at most the spread of the round medians
+        "times (time_us, time_us_lo, time_us_hi) finite and positive":
+            pl.all_horizontal([pl.col(c).is_finite() & (pl.col(c) > 0) for c in times]),
+        "time_us_lo <= time_us_hi": pl.col("time_us_lo") <= pl.col("time_us_hi"),
+        "time_us within [time_us_lo, time_us_hi] up to the round spread (a finite spread >= 0)":
+            pl.col("spread").is_finite() & (pl.col("spread") >= 0)
+            & (pl.col("time_us_lo") <= pl.col("time_us") * within)
+            & (pl.col("time_us") <= pl.col("time_us_hi") * within),
+        "M, N, K >= 1": pl.all_horizontal([pl.col(c) >= 1 for c in ("M", "N", "K")]),
+        f"impl one of {', '.join(impls)}": pl.col("impl").is_in(impls),
+        f"dtype one of {', '.join(dtypes)}": pl.col("dtype").is_in(dtypes),
+    }
+
+
+def check_values(df: pl.DataFrame, source: str = "frame") -> None:
+    """Refuse rows whose numbers no analysis can trust (NaN, negative or missing times, an interval that
+    excludes its median, M = 0, an impl or dtype q4lab does not know): the error names the file, the rule,
+    how many rows break it and the first few (0-based row numbers)."""
+    rules = _value_rules()
+    broken = (df.with_row_index("row")
+              .select("row", *(expr.fill_null(False).alias(name) for name, expr in rules.items())))
+    problems = []
+    for name in rules:
+        rows = broken.filter(~pl.col(name))["row"]
+        if rows.len():
+            first = ", ".join(map(str, rows.head(5).to_list())) + (", ..." if rows.len() > 5 else "")
+            problems.append(f"{rows.len()} row(s) break {name!r} (rows {first})")
+    if problems:
+        raise DatasetError(f"{source}: {'; '.join(problems)}. These are not measurements to analyse: re-run "
+                           f"the sweep for them, or drop those rows")
 
 
 def validate(df: pl.DataFrame, source: str = "frame") -> pl.DataFrame:
-    """Check columns and types against SCHEMA; return the frame with columns in SCHEMA order."""
+    """Check columns, types and values (`check_values`) against SCHEMA; return the frame with columns in
+    SCHEMA order."""
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise DatasetError(f"{source}: missing columns {missing}; it was not written by q4lab's sweep "
                            f"(re-run `q4lab sweep`, or convert it to the schema in q4lab/dataset.py)")
-    wrong = {c: str(df.schema[c]) for c, t in SCHEMA.items() if df.schema[c] != t and df[c].dtype != pl.Null}
+    wrong = {c: str(df.schema[c]) for c, t in SCHEMA.items() if df.schema[c] != t}
     if wrong:
         raise DatasetError(f"{source}: columns of the wrong type {wrong}; expected "
-                           f"{ {c: str(SCHEMA[c]) for c in wrong} }")
+                           f"{ {c: str(SCHEMA[c]) for c in wrong} } (a Null column holds no value at all)")
+    check_values(df, source)
     return df.select(COLUMNS)
 
 
