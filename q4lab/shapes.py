@@ -118,6 +118,34 @@ FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(s.family for s in SHAPES))
 _BY_NAME = {s.name: s for s in SHAPES}
 
 
+class Model(NamedTuple):
+    name: str                                # the prefix of its shapes' names
+    n_layers: int                            # decoder layers (num_hidden_layers)
+    per_layer: tuple[tuple[str, int], ...]   # (canonical shape, weights of that shape in one layer)
+    once: tuple[tuple[str, int], ...]        # (canonical shape, count) outside the layers: the lm_head
+    left_out: str                            # linear layers of the model that are not canonical shapes
+
+
+# Dense decoders whose every per-layer linear is a canonical shape: q_proj and o_proj share one shape, so do
+# k_proj and v_proj, and gate_proj and up_proj. One decode step runs each weight once.
+_LLAMA_LAYER = (("q_proj", 2), ("kv_proj", 2), ("up_proj", 2), ("down_proj", 1))
+MODELS: dict[str, Model] = {m.name: m for m in (
+    Model("llama-3-8b", 32, tuple((f"llama-3-8b.{s}", c) for s, c in _LLAMA_LAYER), (("llama-3-8b.lm_head", 1),), ""),
+    Model("llama-3-70b", 80, tuple((f"llama-3-70b.{s}", c) for s, c in _LLAMA_LAYER), (),
+          "lm_head [128256, 8192] (not a canonical shape)"),
+    Model("llama-3.2-1b", 16, tuple((f"llama-3.2-1b.{s}", c) for s, c in _LLAMA_LAYER), (),
+          "lm_head [128256, 2048] (tied to the embedding; not a canonical shape)"),
+)}
+
+
+def model_layers(model: str) -> list[tuple[Shape, int]]:
+    """(shape, how many weights of that shape one decode step of `model` runs), over the whole model."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; models with layer counts: {sorted(MODELS)}")
+    m = MODELS[model]
+    return [(get(s), c * m.n_layers) for s, c in m.per_layer] + [(get(s), c) for s, c in m.once]
+
+
 def get(name: str) -> Shape:
     """The canonical shape called `name`; an unknown name raises with the closest known ones."""
     if name in _BY_NAME:

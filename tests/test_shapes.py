@@ -67,3 +67,14 @@ def test_nsweep_shape():
     assert (s.name, s.N, s.K, s.family) == ("n4160_k4096", 4160, 4096, "nsweep")
     with pytest.raises(ValueError):
         shapes.nsweep_shape(0, 4096)
+
+
+def test_model_layers_count_every_weight_of_a_decode_step():
+    layers = shapes.model_layers("llama-3-8b")
+    assert sum(count for _, count in layers) == 32 * 7 + 1  # q, k, v, o, gate, up, down per layer, and lm_head
+    assert {s.model for s, _ in layers} == {"meta-llama/Meta-Llama-3-8B"}
+    for name, model in shapes.MODELS.items():
+        assert all(s.name.startswith(name + ".") for s, _ in shapes.model_layers(name))
+        assert model.once or model.left_out  # a model without its lm_head says so
+    with pytest.raises(ValueError, match="unknown model 'gpt-2'.*llama-3-8b"):
+        shapes.model_layers("gpt-2")

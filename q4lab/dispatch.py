@@ -1,0 +1,249 @@
+"""Dispatch as a result: which impl `gemm_4bit(impl="auto")` runs for a weight [N, K] at batch size M,
+fitted to datasets, and what the choice costs against the fastest impl of every measured point.
+
+A rule holds, per (arch, dtype, quant_type), a small tree over the shape (N, K) whose leaves are step
+functions in M ("simt for M <= 12, dequant_blas above"). The rule kinds differ only in how much they may
+tell apart:
+
+- `single`: one step function per arch, over every dtype and shape (the bitsandbytes PR's one threshold);
+- `per_dtype`: one step function per (arch, dtype, quant_type);
+- `shape`: per (arch, dtype, quant_type) a tree of depth <= TREE_DEPTH splitting on N or K at geometric
+  midpoints between measured shapes, each leaf holding at least MIN_LEAF_SHAPES shapes.
+
+Every step function minimizes the mean regret over its points, regret = time(chosen) / time(best of the
+rule's impls at that point), with at most one M segment per impl. Points are the grid rows' medians per
+(config, shape, M), exactly as `analysis` takes them. `cross_validate` scores rules on shapes they were not
+fitted on (one shape family left out at a time), `transfer` on another device's data. Polars in, polars
+out, nothing measured here.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from q4lab.analysis import GRID_SWEEPS, POINT, _points
+
+RULE_KINDS = ("single", "per_dtype", "shape")
+NOT_DISPATCHED = ("dense", "reference", "bnb")  # not 4-bit impls of this package: candidates only when named
+TREE_DEPTH = 2
+MIN_LEAF_SHAPES = 4
+MIN_GAIN = 0.25  # a split must remove this share of its node's excess regret (sum of regret - 1)
+ANY = "*"         # a key field a rule does not tell apart (single: dtype and quant_type)
+SHIPPED = Path(__file__).with_name("dispatch_rule.json")
+_UNMEASURED = 1e6  # the regret of an impl not measured at a point: never worth choosing there
+
+
+@dataclass
+class Rule:
+    kind: str
+    impls: list[str]
+    trees: dict[tuple[str, str, str], dict]  # (arch, dtype, quant_type) -> node; ANY matches every value
+    provenance: dict = field(default_factory=dict)  # datasets, kernel_hash, git_commit, devices
+
+    def tree(self, arch: str, dtype: str, quant_type: str = "nf4") -> dict:
+        for key in ((arch, dtype, quant_type), (arch, dtype, ANY), (arch, ANY, ANY)):
+            if key in self.trees:
+                return self.trees[key]
+        raise LookupError(f"the {self.kind} rule has nothing for arch {arch!r}, dtype {dtype!r}, {quant_type}; "
+                          f"it covers {sorted(self.trees)}: fit one on that device's data (q4lab dispatch fit)")
+
+    def choose(self, N: int, K: int, M: int, dtype: str, arch: str, quant_type: str = "nf4") -> str:
+        node = self.tree(arch, dtype, quant_type)
+        while "steps" not in node:
+            node = node["le"] if {"N": N, "K": K}[node["feature"]] <= node["threshold"] else node["gt"]
+        return next(impl for max_m, impl in node["steps"] if max_m is None or M <= max_m)
+
+    def to_json(self) -> str:
+        trees = [{"arch": a, "dtype": d, "quant_type": q, "tree": t} for (a, d, q), t in sorted(self.trees.items())]
+        return json.dumps({"kind": self.kind, "impls": self.impls, **self.provenance, "rules": trees}, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "rule") -> Rule:
+        try:
+            data = json.loads(text)
+            trees = {(r["arch"], r["dtype"], r["quant_type"]): r["tree"] for r in data.pop("rules")}
+            return cls(data.pop("kind"), data.pop("impls"), trees, data)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{source} is not a dispatch rule ({type(err).__name__}: {err}); write one with "
+                             f"`q4lab dispatch fit DATA --out RULE.json`") from None
+
+
+def load_rule(path: str | Path = SHIPPED) -> Rule:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no dispatch rule {path}: write one with `q4lab dispatch fit DATA --out {path}`")
+    return Rule.from_json(path.read_text(encoding="utf-8"), str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+def point_times(df: pl.DataFrame, impls=None) -> tuple[pl.DataFrame, list[str]]:
+    """One row per grid point (POINT and arch) with a time_us column per candidate impl (null where that
+    impl was not measured), and the candidates: `impls`, or every impl of the grid but NOT_DISPATCHED."""
+    grid = df.filter(pl.col("sweep").is_in(GRID_SWEEPS))
+    present = sorted(grid["impl"].unique().to_list())
+    impls = list(impls) if impls else [i for i in present if i not in NOT_DISPATCHED]
+    if not impls:
+        raise ValueError(f"no impl to dispatch between: the grid holds {present}; name some with impls=[...]")
+    keys = [*POINT, "arch"]
+    wide = None
+    for impl in impls:
+        part = _points(df, impl, GRID_SWEEPS).select(*keys, pl.col("time_us").alias(impl))
+        wide = part if wide is None else wide.join(part, on=keys, how="full", coalesce=True)
+    return wide.sort(*keys), impls
+
+
+def _regrets(times: pl.DataFrame, impls: list[str]) -> np.ndarray:
+    t = times.select(impls).to_numpy().astype(float)
+    t = np.where(np.isnan(t), np.inf, t)
+    return np.where(np.isinf(t), _UNMEASURED, t / t.min(axis=1, keepdims=True))
+
+
+def _steps(m: np.ndarray, regrets: np.ndarray, impls: list[str]) -> tuple[list, float]:
+    """The step function in M (<= one segment per impl) with the least total regret: ([[max_m, impl], ...,
+    [None, impl]], that total). Thresholds sit at measured M; dynamic programming over the segments."""
+    levels = np.unique(m)
+    per_level = np.stack([regrets[m == v].sum(axis=0) for v in levels])  # [level, impl]
+    prefix = np.vstack([np.zeros(len(impls)), np.cumsum(per_level, axis=0)])
+    n = len(levels)
+    segment = prefix[None, :, :] - prefix[:, None, :]          # [a, b, impl]: levels a..b-1 with one impl
+    seg_cost, seg_impl = segment.min(axis=2), segment.argmin(axis=2)
+    cost = np.full((len(impls) + 1, n + 1), np.inf)
+    cost[0, 0] = 0.0
+    start = np.zeros((len(impls) + 1, n + 1), dtype=int)
+    for s in range(1, len(impls) + 1):
+        for b in range(1, n + 1):
+            options = cost[s - 1, :b] + seg_cost[:b, b]
+            start[s, b] = int(np.argmin(options))
+            cost[s, b] = options[start[s, b]]
+    s = int(np.argmin(cost[:, n]))  # the fewest segments among equals
+    bounds, b = [], n
+    while b:
+        a = start[s, b]
+        bounds.append((a, b))
+        b, s = a, s - 1
+    steps = []
+    for a, b in reversed(bounds):
+        impl = impls[seg_impl[a, b]]
+        if steps and steps[-1][1] == impl:
+            steps.pop()
+        steps.append([int(levels[b - 1]), impl])
+    steps[-1][0] = None
+    return steps, float(cost[:, n].min())
+
+
+def _grow(points: pl.DataFrame, regrets: np.ndarray, impls: list[str], depth: int) -> tuple[dict, float]:
+    """A tree over (N, K) with step-function leaves, split greedily while a split pays MIN_GAIN."""
+    m = points["M"].to_numpy()
+    steps, cost = _steps(m, regrets, impls)
+    best = None
+    for feature in ("N", "K") if depth else ():
+        values = points[feature].to_numpy()
+        levels = np.unique(values)
+        for lo, hi in zip(levels[:-1], levels[1:]):
+            threshold = round(math.sqrt(lo * hi))
+            left = values <= threshold
+            if min(points.filter(left)["shape"].n_unique(), points.filter(~left)["shape"].n_unique()) < MIN_LEAF_SHAPES:
+                continue
+            split = _steps(m[left], regrets[left], impls)[1] + _steps(m[~left], regrets[~left], impls)[1]
+            if best is None or split < best[0]:
+                best = (split, feature, threshold, left)
+    if best is None or cost - best[0] <= max(MIN_GAIN * (cost - len(m)), 1e-9):
+        return {"steps": steps}, cost
+    _, feature, threshold, left = best
+    le, le_cost = _grow(points.filter(left), regrets[left], impls, depth - 1)
+    gt, gt_cost = _grow(points.filter(~left), regrets[~left], impls, depth - 1)
+    return {"feature": feature, "threshold": threshold, "le": le, "gt": gt}, le_cost + gt_cost
+
+
+def _key_columns(kind: str) -> tuple[str, ...]:
+    if kind not in RULE_KINDS:
+        raise ValueError(f"unknown rule kind {kind!r}; kinds: {', '.join(RULE_KINDS)}")
+    return ("arch",) if kind == "single" else ("arch", "dtype", "quant_type")
+
+
+def fit(df: pl.DataFrame, impls=None, kind: str = "shape", datasets=()) -> Rule:
+    """The `kind` rule over `impls` (default: every impl of the grid but NOT_DISPATCHED) fitted to the grid
+    rows of `df`; `datasets` (file names) go into its provenance with the rows' kernel hash and commit."""
+    columns = _key_columns(kind)
+    times, impls = point_times(df, impls)
+    regrets = _regrets(times, impls)
+    trees = {}
+    for key, group in times.with_row_index("_row").group_by(columns, maintain_order=True):
+        rows = group["_row"].to_numpy()
+        full = (*key, *[ANY] * (3 - len(columns)))
+        trees[full] = _grow(group, regrets[rows], impls, TREE_DEPTH if kind == "shape" else 0)[0]
+    provenance = {"datasets": [Path(d).name for d in datasets],
+                  **{c: sorted(df[c].unique().to_list()) for c in ("kernel_hash", "git_commit", "device")}}
+    return Rule(kind, impls, trees, provenance)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def regret(rule: Rule, df: pl.DataFrame, arch: str | None = None) -> pl.DataFrame:
+    """Per grid point of `df`: the rule's `chosen` impl, the `best` of the rule's impls measured there, their
+    times and `regret` = time_chosen_us / time_best_us (null where the chosen impl was not measured).
+    `arch` applies that arch's rule to every row (transfer to another card)."""
+    impls = [i for i in rule.impls if i in df["impl"].unique().to_list()]
+    times, _ = point_times(df, impls)
+    chosen = [rule.choose(r["N"], r["K"], r["M"], r["dtype"], arch or r["arch"], r["quant_type"])
+              for r in times.select("N", "K", "M", "dtype", "arch", "quant_type").iter_rows(named=True)]
+    t = times.select(impls).to_numpy().astype(float)
+    t = np.where(np.isnan(t), np.inf, t)
+    best = t.argmin(axis=1)
+    column = {impl: i for i, impl in enumerate(impls)}
+    t_chosen = np.array([t[p, column[c]] if c in column else np.inf for p, c in enumerate(chosen)])
+    t_best = t[np.arange(len(t)), best]
+    return times.select(*POINT, "arch").with_columns(
+        pl.Series("chosen", chosen), pl.Series("best", [impls[i] for i in best]),
+        pl.Series("time_chosen_us", np.where(np.isinf(t_chosen), np.nan, t_chosen)).fill_nan(None),
+        pl.Series("time_best_us", t_best), pl.Series("regret", np.where(np.isinf(t_chosen), np.nan, t_chosen / t_best)).fill_nan(None))
+
+
+def summarize(regrets: pl.DataFrame, by=("kind",)) -> pl.DataFrame:
+    """Mean, median, p95 and worst regret per group, with the points scored and those left unscored (the
+    chosen impl unmeasured there)."""
+    return (regrets.group_by(list(by), maintain_order=True)
+            .agg(pl.col("regret").mean().alias("mean"), pl.col("regret").median().alias("median"),
+                 pl.col("regret").quantile(0.95, "linear").alias("p95"), pl.col("regret").max().alias("worst"),
+                 pl.col("regret").is_not_null().sum().alias("n_points"),
+                 pl.col("regret").is_null().sum().alias("n_unscored")))
+
+
+def held_out(df: pl.DataFrame, kind: str, folds: str = "family", impls=None) -> pl.DataFrame:
+    """`regret` of each point under the `kind` rule fitted without its `folds` value (a family, or a shape)."""
+    if folds not in ("family", "shape"):
+        raise ValueError(f"folds={folds!r}: leave out one 'family' or one 'shape' at a time")
+    grid = df.filter(pl.col("sweep").is_in(GRID_SWEEPS))
+    parts = []
+    for value in grid[folds].unique().sort().to_list():
+        rule = fit(grid.filter(pl.col(folds) != value), impls, kind)
+        parts.append(regret(rule, grid.filter(pl.col(folds) == value)).with_columns(pl.lit(kind).alias("kind")))
+    return pl.concat(parts)
+
+
+def cross_validate(df: pl.DataFrame, kinds=RULE_KINDS, folds: str = "family", impls=None, by=("kind",)) -> pl.DataFrame:
+    """Held-out regret summary (`summarize`) per rule kind: each point scored by a rule that never saw its
+    shape family (folds="family") or its shape (folds="shape")."""
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    return summarize(pl.concat([held_out(df, k, folds, impls) for k in kinds]), by)
+
+
+def transfer(df: pl.DataFrame, kinds=RULE_KINDS, impls=None) -> pl.DataFrame:
+    """Each rule kind fitted on one device's rows and scored on every device's (its own: in-sample), with
+    the fitted device's arch applied to the other's rows: `summarize` per (kind, fitted_on, scored_on)."""
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    devices = df["device"].unique().sort().to_list()
+    parts = []
+    for kind in kinds:
+        for source in devices:
+            part = df.filter(pl.col("device") == source)
+            rule, arch = fit(part, impls, kind), part["arch"][0]
+            for target in devices:
+                scored = regret(rule, df.filter(pl.col("device") == target), arch)
+                parts.append(scored.with_columns(pl.lit(kind).alias("kind"), pl.lit(source).alias("fitted_on"),
+                                                 pl.lit(target).alias("scored_on")))
+    return summarize(pl.concat(parts), ("kind", "fitted_on", "scored_on"))
