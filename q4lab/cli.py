@@ -11,6 +11,7 @@ COMMANDS = {
     "info": ("q4lab.kernels", "torch, vendor, GPU, compilers and where kernels are built"),
     "build": ("q4lab.kernels", "build the kernel library for this (or a named) GPU arch"),
     "sweep": ("q4lab.sweep", "measure M grids and N sweeps into a raw log and a parquet dataset"),
+    "dispatch": ("q4lab.dispatch", "fit the rule impl='auto' follows to datasets (q4lab dispatch fit DATA --out RULE.json)"),
     "report": ("q4lab.report", "run every notebook through papermill into reports/index.html"),
 }
 

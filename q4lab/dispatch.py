@@ -18,14 +18,17 @@ out, nothing measured here.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from q4lab import dataset
 from q4lab.analysis import GRID_SWEEPS, POINT, _points
 
 RULE_KINDS = ("single", "per_dtype", "shape")
@@ -247,3 +250,31 @@ def transfer(df: pl.DataFrame, kinds=RULE_KINDS, impls=None) -> pl.DataFrame:
                 parts.append(scored.with_columns(pl.lit(kind).alias("kind"), pl.lit(source).alias("fitted_on"),
                                                  pl.lit(target).alias("scored_on")))
     return summarize(pl.concat(parts), ("kind", "fitted_on", "scored_on"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+def add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    fit_parser = actions.add_parser("fit", help="fit a rule to datasets and write it as JSON",
+                                    description="Fit the rule impl='auto' follows (Q4LAB_DISPATCH=RULE.json uses it; "
+                                                f"--out {SHIPPED.parent.name}/{SHIPPED.name} replaces the shipped one).")
+    fit_parser.add_argument("data", nargs="+", help="dataset(s): parquet paths or globs")
+    fit_parser.add_argument("--out", required=True, help="the rule's JSON file")
+    fit_parser.add_argument("--kind", choices=RULE_KINDS, default="shape", help="rule kind (default: shape)")
+    fit_parser.add_argument("--impls", default=None, help="comma-separated impls to choose among (default: every "
+                                                          f"impl of the grid but {', '.join(NOT_DISPATCHED)})")
+
+
+def dispatch_command(args: argparse.Namespace) -> int:
+    files = dataset.resolve(args.data)
+    frame = dataset.load(files)
+    rule = fit(frame, args.impls.split(",") if args.impls else None, args.kind, files)
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(rule.to_json(), encoding="utf-8")
+    os.replace(partial, out)  # a reader never sees half a rule
+    fitted = summarize(regret(rule, frame).with_columns(pl.lit(rule.kind).alias("kind"))).row(0, named=True)
+    print(f"wrote {out}: {rule.kind} rule over {', '.join(rule.impls)} for {', '.join(sorted({k[0] for k in rule.trees}))}, "
+          f"from {', '.join(p.name for p in files)}; in-sample regret mean {fitted['mean']:.4f}, p95 "
+          f"{fitted['p95']:.3f}, worst {fitted['worst']:.2f} over {fitted['n_points']} points")
+    return 0

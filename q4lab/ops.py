@@ -8,16 +8,24 @@
 | dense        | the unquantized weight through BLAS                         | GPU, CPU     |
 | bnb          | bitsandbytes' matmul_4bit on the same packed weight         | where bitsandbytes runs |
 | reference    | float64 on the CPU                                          | CPU          |
-| auto         | simt up to AUTO_SIMT_MAX_M[dtype] rows, dequant_blas above  | GPU (CPU: dequant_blas) |
+| auto         | what the dispatch rule picks for (N, K, M, dtype, arch)      | GPU (CPU: dequant_blas) |
+
+`auto` follows a rule fitted to measured data (`q4lab.dispatch`): the one shipped in
+q4lab/dispatch_rule.json (it names the datasets and kernel version it was fitted on), or the file
+Q4LAB_DISPATCH names. On an arch the rule does not cover, and where it picks an impl this device cannot
+run (a tensor-core impl on AMD, say), auto uses the defaults: simt up to AUTO_SIMT_MAX_M[dtype] rows on a
+GPU, dequant_blas above and on a CPU.
 """
 from __future__ import annotations
 
 import ctypes
+import os
+import platform
 import weakref
 
 import torch
 
-from q4lab import formats, kernels
+from q4lab import dispatch, formats, kernels
 from q4lab.formats import Q4Weight
 
 IMPLS = ("simt", "gemv", "dequant_blas", "dense", "bnb", "reference")
@@ -26,11 +34,13 @@ _DTYPE_CODE = {DTYPES[name]: code for name, code in kernels.DTYPE_CODES.items()}
 _DTYPE_NAME = {dtype: name for name, dtype in DTYPES.items()}
 _KERNEL_IMPL = {"simt": 0, "gemv": 1}
 
-# impl="auto" uses simt for M <= AUTO_SIMT_MAX_M[activation dtype] rows, dequant_blas above: the dispatch
-# thresholds analysis.crossover_summary fits to data/h100_mgrid.parquet (H100, NF4/64, kernels v7; median
-# crossovers 14.0, 13.2 and 49.3 rows; v6 on the H200 of session 4: 10.2, 10.7 and 38.8, thresholds 8, 8, 32).
-# Another device's sweep fits its own; assign this dict to use them.
+# impl="auto" where the dispatch rule has nothing for the arch: simt for M <= AUTO_SIMT_MAX_M[activation
+# dtype] rows, dequant_blas above: the thresholds analysis.crossover_summary fits to data/h100_mgrid.parquet
+# (H100, NF4/64, kernels v7; median crossovers 14.0, 13.2 and 49.3 rows; v6 on the H200 of session 4: 10.2,
+# 10.7 and 38.8, thresholds 8, 8, 32).
 AUTO_SIMT_MAX_M = {"fp16": 12, "bf16": 12, "fp32": 48}
+_rules: dict[str, dispatch.Rule] = {}  # rule file -> rule, read once per process
+_available: dict[torch.device, dict[str, str | None]] = {}  # available_impls per device, asked once
 
 # Per-weight caches (dense copies, bitsandbytes' QuantState), keyed by the packed tensor's id and dropped
 # when that tensor is freed (tensors compare elementwise, so they cannot be dict keys themselves).
@@ -90,6 +100,34 @@ def available_impls(device: torch.device | str = "cpu") -> dict[str, str | None]
         "bnb": _bnb_unavailable_reason(device),
         "reference": None,
     }
+
+
+def dispatch_rule() -> dispatch.Rule:
+    """The rule impl="auto" follows: the file Q4LAB_DISPATCH names, else q4lab/dispatch_rule.json."""
+    path = os.environ.get("Q4LAB_DISPATCH") or str(dispatch.SHIPPED)
+    if path not in _rules:
+        _rules[path] = dispatch.load_rule(path)
+    return _rules[path]
+
+
+def device_arch(device: torch.device) -> str:
+    """The arch a dataset row of `device` carries: sm_90, gfx1100, or the CPU's machine name."""
+    return (kernels.gpu_arch(device.index) or "") if device.type == "cuda" else platform.machine()
+
+
+def auto_impl(N: int, K: int, M: int, dtype: torch.dtype, device: torch.device | str,
+              quant_type: str = "nf4") -> str:
+    """The impl gemm_4bit(impl="auto") runs for an [M, K] x [N, K]^T product on `device` (module doc)."""
+    device = torch.device(device)
+    name = _DTYPE_NAME[dtype]
+    default = "simt" if device.type == "cuda" and M <= AUTO_SIMT_MAX_M[name] else "dequant_blas"
+    try:
+        impl = dispatch_rule().choose(N, K, M, name, device_arch(device), quant_type)
+    except LookupError:
+        return default
+    if device not in _available:
+        _available[device] = available_impls(device)
+    return impl if _available[device].get(impl, "unknown impl") is None else default
 
 
 def _check(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, impl: str) -> None:
@@ -200,8 +238,8 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
     elif out.shape != (M, w.N) or out.dtype != A.dtype or out.device != A.device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous [{M}, {w.N}] {A.dtype} tensor on {A.device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
-    if impl == "auto":  # the GPU dispatch; on a CPU only dequant_blas of the quantized impls runs
-        impl = "simt" if A2.is_cuda and M <= AUTO_SIMT_MAX_M[_DTYPE_NAME[A2.dtype]] else "dequant_blas"
+    if impl == "auto":
+        impl = auto_impl(w.N, w.K, M, A2.dtype, A2.device, w.quant_type)
     if impl in _KERNEL_IMPL or (impl == "dequant_blas" and A2.is_cuda):
         reason = _kernel_unavailable_reason(A2.device)
         if reason:

@@ -2,10 +2,15 @@
 on narrow weights and to M=4 on wide ones), so only the shape-aware rule can be right everywhere."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 import pytest
+import torch
 
-from q4lab import dispatch, synthetic
+from q4lab import dataset, dispatch, formats, ops, shapes, synthetic
+
+REPO = Path(__file__).resolve().parent.parent
 
 NARROW_N = 4096  # weights up to this N: simt wins to M=32 (M* = 40); wider: to M=4 (M* = 6)
 
@@ -99,3 +104,88 @@ def test_json_round_trip_keeps_choices_and_provenance(planted, tmp_path):
         dispatch.load_rule(path)
     with pytest.raises(FileNotFoundError, match="q4lab dispatch fit"):
         dispatch.load_rule(tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# impl="auto" follows a rule: the shipped one, or the one Q4LAB_DISPATCH names
+def _write_rule(tmp_path, arch, steps, impls):
+    rule = dispatch.Rule("per_dtype", impls, {(arch, "*", "*"): {"steps": steps}})
+    path = tmp_path / "rule.json"
+    path.write_text(rule.to_json())
+    return path
+
+
+def test_the_shipped_rule_is_the_fit_of_the_shipped_data():
+    files = dataset.resolve(str(REPO / "data" / "*.parquet"))
+    shipped = dispatch.load_rule()
+    refit = dispatch.fit(dataset.load(files), kind=shipped.kind, datasets=files)
+    assert shipped == refit, ("q4lab/dispatch_rule.json is not the fit of data/*.parquet: refit it with "
+                              "`q4lab dispatch fit data/*.parquet --out q4lab/dispatch_rule.json` (data/README.md)")
+
+
+def test_auto_follows_the_shipped_rule_where_its_impls_run(monkeypatch):
+    shipped = dispatch.load_rule()
+    monkeypatch.setattr(ops, "_available", {})
+    monkeypatch.setattr(ops, "available_impls", lambda device: {impl: None for impl in ops.IMPLS})
+    monkeypatch.setattr(ops, "device_arch", lambda device: "sm_90")
+    monkeypatch.delenv("Q4LAB_DISPATCH", raising=False)
+    chosen = set()
+    for shape in shapes.SHAPES:
+        for M in (1, 4, 12, 16, 24, 48, 64, 128, 1024):
+            for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+                impl = ops.auto_impl(shape.N, shape.K, M, dtype, "cuda")
+                assert impl == shipped.choose(shape.N, shape.K, M, name, "sm_90")
+                chosen.add(impl)
+    assert {"simt", "dequant_blas"} <= chosen
+
+
+def test_auto_falls_back_to_the_defaults_without_a_rule_or_an_impl(monkeypatch, tmp_path):
+    monkeypatch.setattr(ops, "_available", {})
+    monkeypatch.setattr(ops, "device_arch", lambda device: "sm_80")  # an arch the shipped rule lacks
+    monkeypatch.setattr(ops, "available_impls", lambda device: {impl: None for impl in ops.IMPLS})
+    limit = ops.AUTO_SIMT_MAX_M["fp16"]
+    assert ops.auto_impl(4096, 4096, limit, torch.float16, "cuda") == "simt"
+    assert ops.auto_impl(4096, 4096, limit + 1, torch.float16, "cuda") == "dequant_blas"
+    # a rule picking an impl the device cannot run (a tensor-core impl on AMD): the defaults again
+    monkeypatch.setenv("Q4LAB_DISPATCH", str(_write_rule(tmp_path, "sm_80", [[None, "mma"]], ["mma"])))
+    assert ops.auto_impl(4096, 4096, 1, torch.float16, "cuda") == "simt"
+    monkeypatch.setattr(ops, "_available", {})
+    monkeypatch.setattr(ops, "available_impls", lambda device: {"mma": "needs an NVIDIA GPU"})
+    assert ops.auto_impl(4096, 4096, limit + 1, torch.float16, "cuda") == "dequant_blas"
+
+
+def test_q4lab_dispatch_overrides_the_shipped_rule_in_gemm_4bit(monkeypatch, tmp_path):
+    """On the CPU, a rule for this machine's arch that picks reference to M=2 and dense above: auto's output
+    is bit for bit the output of the impl the rule names."""
+    monkeypatch.setattr(ops, "_available", {torch.device("cpu"): {"reference": None, "dense": None}})  # skip bnb's import
+    path = _write_rule(tmp_path, ops.device_arch(torch.device("cpu")), [[2, "reference"], [None, "dense"]],
+                       ["reference", "dense"])
+    torch.manual_seed(0)
+    w = formats.quantize(torch.randn(48, 128), "nf4", 64, False)
+    A1, A4 = torch.randn(1, 128), torch.randn(4, 128)
+    monkeypatch.delenv("Q4LAB_DISPATCH", raising=False)
+    assert torch.equal(ops.gemm_4bit(A4, w, impl="auto"), ops.gemm_4bit(A4, w, impl="dequant_blas"))  # the default
+    monkeypatch.setenv("Q4LAB_DISPATCH", str(path))
+    assert torch.equal(ops.gemm_4bit(A1, w, impl="auto"), ops.gemm_4bit(A1, w, impl="reference"))
+    assert torch.equal(ops.gemm_4bit(A4, w, impl="auto"), ops.gemm_4bit(A4, w, impl="dense"))
+    assert not torch.equal(ops.gemm_4bit(A4, w, impl="dense"), ops.gemm_4bit(A4, w, impl="reference"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU")
+def test_auto_on_the_gpu_runs_what_the_shipped_rule_picks(monkeypatch):
+    monkeypatch.delenv("Q4LAB_DISPATCH", raising=False)
+    shipped, arch = dispatch.load_rule(), ops.device_arch(torch.device("cuda"))
+    torch.manual_seed(0)
+    w = formats.quantize(torch.randn(4096, 4096, device="cuda", dtype=torch.float16), "nf4", 64, False)
+    ran = set()
+    for M in (1, 8, 64, 512):
+        try:
+            chosen = shipped.choose(w.N, w.K, M, "fp16", arch)
+        except LookupError:
+            pytest.skip(f"the shipped rule has no {arch} entry (it covers {sorted(shipped.trees)})")
+        assert ops.auto_impl(w.N, w.K, M, torch.float16, "cuda") == chosen
+        A = torch.randn(M, w.K, device="cuda", dtype=torch.float16)
+        assert torch.equal(ops.gemm_4bit(A, w, impl="auto"), ops.gemm_4bit(A, w, impl=chosen))
+        ran.add(chosen)
+    assert len(ran) >= 2  # small and large M dispatch to different impls
