@@ -1,5 +1,5 @@
-"""`q4lab info | build | sweep | report`: each command's options and work live in the module that owns it
-(`kernels`, `sweep`, `report`); this file only wires them to argparse."""
+"""`q4lab info | build | sweep | dispatch | report`: each command's options and work live in the module that owns it
+(`kernels`, `sweep`, `dispatch`, `report`); this file only wires them to argparse."""
 from __future__ import annotations
 
 import argparse

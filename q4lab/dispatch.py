@@ -83,6 +83,30 @@ def load_rule(path: str | Path = SHIPPED) -> Rule:
     return Rule.from_json(path.read_text(encoding="utf-8"), str(path))
 
 
+def _leaves(node: dict, bounds: dict | None = None):
+    """(the shapes a leaf holds, as "1254 < N <= 7663 and K <= 5321", its steps) of every leaf."""
+    bounds = bounds or {}
+    if "steps" in node:
+        where = [f"{lo} < {f} <= {hi}" if lo and hi else f"{f} <= {hi}" if hi else f"{f} > {lo}"
+                 for f, (lo, hi) in bounds.items()]
+        yield " and ".join(where) or "every shape", node["steps"]
+        return
+    f, t = node["feature"], node["threshold"]
+    lo, hi = bounds.get(f, (None, None))
+    yield from _leaves(node["le"], {**bounds, f: (lo, t)})
+    yield from _leaves(node["gt"], {**bounds, f: (t, hi)})
+
+
+def rule_table(rule: Rule) -> pl.DataFrame:
+    """The rule as a reader wants it: one row per (arch, dtype, quant_type) and shape region, with its
+    impls in M order ("simt to M=16, dequant_blas above")."""
+    rows = [{"arch": a, "dtype": d, "quant_type": q, "shapes": where,
+             "impl by M": ", ".join(f"{impl} to M={m}" if m is not None else (f"{impl} above" if len(steps) > 1 else impl)
+                                    for m, impl in steps)}
+            for (a, d, q), tree in sorted(rule.trees.items()) for where, steps in _leaves(tree)]
+    return pl.DataFrame(rows, schema={c: pl.Utf8 for c in ("arch", "dtype", "quant_type", "shapes", "impl by M")})
+
+
 # ---------------------------------------------------------------------------------------------------------
 def point_times(df: pl.DataFrame, impls=None) -> tuple[pl.DataFrame, list[str]]:
     """One row per grid point (POINT and arch) with a time_us column per candidate impl (null where that
@@ -250,6 +274,60 @@ def transfer(df: pl.DataFrame, kinds=RULE_KINDS, impls=None) -> pl.DataFrame:
                 parts.append(scored.with_columns(pl.lit(kind).alias("kind"), pl.lit(source).alias("fitted_on"),
                                                  pl.lit(target).alias("scored_on")))
     return summarize(pl.concat(parts), ("kind", "fitted_on", "scored_on"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A whole model: one decode step at batch size M
+ROLLUP_SCHEMA = {"device": pl.Utf8, "dtype": pl.Utf8, "quant_type": pl.Utf8, "model": pl.Utf8, "M": pl.Int64,
+                 "impl": pl.Utf8, "step_us": pl.Float64, "speedup_vs_dense": pl.Float64, "weights": pl.Int64,
+                 "interpolated": pl.Boolean}
+
+
+def _at(m: np.ndarray, t: np.ndarray, M: int) -> float | None:
+    """Time at M, interpolated linearly in log M / log time between the measured M around it (None outside)."""
+    if not m[0] <= M <= m[-1]:
+        return None
+    return float(np.exp(np.interp(math.log(M), np.log(m), np.log(t))))
+
+
+def rollup(df: pl.DataFrame, rule: Rule, model: str, ms=(1, 8, 64)) -> pl.DataFrame:
+    """One decode step of `model` (every weight of `shapes.model_layers` once) at each batch size in `ms`,
+    per (device, dtype, quant_type): `step_us` per impl measured on all its shapes, for `auto` (the rule's
+    impl per weight) and `best` (the fastest of the rule's impls per weight); `speedup_vs_dense` = dense's
+    step / this step (above 1: faster than the unquantized weight). Between measured M each time is interpolated in log-log space (`interpolated`); an
+    impl not measured up to M has no step time there."""
+    from q4lab.shapes import model_layers  # shapes is a leaf module; here only the roll-up needs it
+    layers = model_layers(model)
+    names = [s.name for s, _ in layers]
+    grid = df.filter(pl.col("sweep").is_in(GRID_SWEEPS), pl.col("shape").is_in(names))
+    rows = []
+    for (device, dtype, quant_type, arch), g in grid.group_by("device", "dtype", "quant_type", "arch", maintain_order=True):
+        curves = {}  # (impl, shape) -> (measured M, median time)
+        for (impl, shape), c in g.group_by("impl", "shape"):
+            points = c.group_by("M").agg(pl.col("time_us").median()).sort("M")
+            curves[(impl, shape)] = (points["M"].to_numpy(), points["time_us"].to_numpy())
+        impls = sorted(i for i in g["impl"].unique() if all((i, n) in curves for n in names))
+        if not impls:
+            missing = sorted(set(names) - set(g["shape"].unique()))
+            raise ValueError(f"{model} on {device} ({dtype}): no impl was measured on all its shapes ({missing} "
+                             f"missing); measure them: q4lab sweep grid --shapes {','.join(missing or names)}")
+        for M in ms:
+            times = {i: [_at(*curves[(i, n)], M) for n in names] for i in impls}
+            interpolated = {i: any(M not in curves[(i, n)][0] for n in names) for i in impls}
+            choice = [rule.choose(s.N, s.K, M, dtype, arch, quant_type) for s, _ in layers]
+            times["auto"] = [times[c][j] if c in times else None for j, c in enumerate(choice)]
+            interpolated["auto"] = any(interpolated.get(c, False) for c in choice)
+            reachable = [i for i in impls if i in rule.impls]
+            times["best"] = [min((times[i][j] for i in reachable if times[i][j] is not None), default=None)
+                             for j in range(len(layers))]
+            interpolated["best"] = any(interpolated[i] for i in reachable)
+            steps = {i: None if None in t else sum(c * x for (_, c), x in zip(layers, t)) for i, t in times.items()}
+            dense = steps.get("dense")
+            rows += [{"device": device, "dtype": dtype, "quant_type": quant_type, "model": model, "M": M, "impl": i,
+                      "step_us": step, "speedup_vs_dense": dense / step if dense and step else None,
+                      "weights": sum(c for _, c in layers), "interpolated": interpolated[i]}
+                     for i, step in steps.items()]
+    return pl.DataFrame(rows, schema=ROLLUP_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------------------

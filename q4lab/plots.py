@@ -331,3 +331,33 @@ def resonance_plot(per_n: pl.DataFrame) -> go.Figure:
     k, m = per_n["K"].unique().to_list(), per_n["M"].unique().to_list()
     fig.update_layout(height=320 * len(devices) + 80, title=f"N-sweep at K={k}, M={m}: bandwidth vs N, flagged N by family")
     return fig
+
+
+def dispatch_regret(regrets: pl.DataFrame, dtype: str, title: str = "") -> go.Figure:
+    """`dispatch.regret` per shape (rows) and batch size M (columns), a panel per device: colour is the
+    regret (time of the chosen impl / the best one, 2x and more in the darkest red); a cell where the rule
+    missed reads `chosen → best`, and hovering it gives both times."""
+    rows = _nonempty(regrets.filter(pl.col("dtype") == dtype), "dispatch regret", f"no points for dtype {dtype!r}")
+    devices = _devices(rows)
+    shapes = rows.select("shape", "N", "K").unique().sort("N", "K", "shape")["shape"].to_list()
+    ms = sorted(rows["M"].unique().to_list())
+    fig = make_subplots(rows=1, cols=len(devices), shared_yaxes=True, subplot_titles=devices)
+    for c, device in enumerate(devices, start=1):
+        z = np.full((len(shapes), len(ms)), np.nan)
+        text = np.full((len(shapes), len(ms)), "", dtype=object)
+        hover = np.full((len(shapes), len(ms)), "", dtype=object)
+        for r in rows.filter(pl.col("device") == device).iter_rows(named=True):
+            i, j = shapes.index(r["shape"]), ms.index(r["M"])
+            z[i, j] = r["regret"] if r["regret"] is not None else np.nan
+            text[i, j] = "" if r["chosen"] == r["best"] else f"{r['chosen']} → {r['best']}"
+            hover[i, j] = (f"chosen {r['chosen']}: {r['time_chosen_us'] or float('nan'):.4g} µs<br>"
+                           f"best {r['best']}: {r['time_best_us']:.4g} µs<br>regret {z[i, j]:.3f}×")
+        fig.add_trace(go.Heatmap(z=z, x=[str(m) for m in ms], y=shapes, text=text, customdata=hover,
+                                 texttemplate="%{text}", textfont={"size": 8}, zmin=1.0, zmax=2.0,
+                                 colorscale="Reds", showscale=c == 1, colorbar={"title": "regret"},
+                                 hovertemplate=f"{device}<br>%{{y}} at M=%{{x}}<br>%{{customdata}}<extra></extra>"),
+                      row=1, col=c)
+    fig.update_xaxes(title_text="batch size M", type="category")
+    fig.update_layout(height=max(350, 24 * len(shapes) + 160),
+                      title=title or f"chosen vs best impl per shape and batch size ({dtype})")
+    return fig

@@ -2,6 +2,7 @@
 on narrow weights and to M=4 on wide ones), so only the shape-aware rule can be right everywhere."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import polars as pl
@@ -189,3 +190,37 @@ def test_auto_on_the_gpu_runs_what_the_shipped_rule_picks(monkeypatch):
         assert torch.equal(ops.gemm_4bit(A, w, impl="auto"), ops.gemm_4bit(A, w, impl=chosen))
         ran.add(chosen)
     assert len(ran) >= 2  # small and large M dispatch to different impls
+
+
+# ---------------------------------------------------------------------------------------------------------
+def test_the_rule_table_names_each_region_and_its_impls(h100):
+    table = dispatch.rule_table(dispatch.fit(h100, impls=["simt", "dequant_blas"], kind="shape"))
+    fp16 = table.filter(pl.col("dtype") == "fp16")
+    assert fp16["impl by M"].to_list() == ["simt to M=32, dequant_blas above", "simt to M=4, dequant_blas above"]
+    assert fp16["shapes"][0].startswith("N <= ") and fp16["shapes"][1].startswith("N > ")
+
+
+def test_rollup_sums_the_model_weights_with_log_log_interpolation(h100):
+    rule = dispatch.fit(h100, impls=["simt", "dequant_blas"], kind="shape")
+    fp16 = h100.filter(pl.col("dtype") == "fp16")
+    roll = dispatch.rollup(fp16, rule, "llama-3-70b", ms=(2, 3, 4096))
+    layers = shapes.model_layers("llama-3-70b")
+
+    def time(impl, shape, M):
+        return fp16.filter(pl.col("impl") == impl, pl.col("shape") == shape.name, pl.col("M") == M)["time_us"][0]
+
+    def step(impl, M):
+        return roll.filter(pl.col("impl") == impl, pl.col("M") == M).row(0, named=True)
+
+    assert step("simt", 2)["step_us"] == pytest.approx(sum(c * time("simt", s, 2) for s, c in layers))
+    assert not step("simt", 2)["interpolated"] and step("simt", 3)["interpolated"]
+    w = math.log(3 / 2) / math.log(4 / 2)  # M=3 lies this far from 2 to 4 in log M
+    expected = sum(c * time("dense", s, 2) ** (1 - w) * time("dense", s, 4) ** w for s, c in layers)
+    assert step("dense", 3)["step_us"] == pytest.approx(expected)
+    auto = sum(c * time(rule.choose(s.N, s.K, 2, "fp16", "sm_90"), s, 2) for s, c in layers)
+    assert step("auto", 2)["step_us"] == pytest.approx(auto)
+    assert step("best", 2)["step_us"] <= step("auto", 2)["step_us"]
+    assert step("auto", 2)["speedup_vs_dense"] == pytest.approx(step("dense", 2)["step_us"] / auto)
+    assert step("auto", 4096)["step_us"] is None  # beyond the largest measured M: no extrapolation
+    with pytest.raises(ValueError, match=r"llama-3-8b.*\['llama-3-8b.lm_head'\] missing"):
+        dispatch.rollup(fp16, rule, "llama-3-8b")
