@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, replace
 
 import torch
@@ -99,8 +100,9 @@ class Q4Weight:
     nested_code: torch.Tensor | None = None
 
     def __post_init__(self):
+        _check_parameters(tuple(self.shape), self.dtype, self.quant_type, self.blocksize)
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
-        _check_parameters(self.shape, self.dtype, self.quant_type, self.blocksize)
+        object.__setattr__(self, "blocksize", int(self.blocksize))
         N, K = self.shape
         nblocks = N * K // self.blocksize
         _check_tensor("packed", self.packed, torch.uint8, (N * K // 2,))
@@ -371,10 +373,14 @@ def _check_quant_type(quant_type) -> None:
         raise FormatError(f"unknown quant_type {quant_type!r}: use one of {QUANT_TYPES}")
 
 
+def _is_int(n) -> bool:
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+
+
 def _check_parameters(shape: tuple[int, ...], dtype: torch.dtype, quant_type: str, blocksize: int) -> None:
     _check_quant_type(quant_type)
-    if blocksize not in BLOCKSIZES:
-        raise FormatError(f"unsupported blocksize {blocksize!r}: use one of {BLOCKSIZES}")
+    if not _is_int(blocksize) or blocksize not in BLOCKSIZES:
+        raise FormatError(f"unsupported blocksize {blocksize!r}: use one of {BLOCKSIZES} (an int)")
     if dtype not in DTYPES:
         raise FormatError(
             f"weight dtype {dtype} is not supported: convert it first, e.g. W.to(torch.float16); "
@@ -385,9 +391,12 @@ def _check_parameters(shape: tuple[int, ...], dtype: torch.dtype, quant_type: st
             f"weight must be 2-D [N, K] (out_features x in_features), got shape {tuple(shape)}: "
             "reshape it, e.g. W.reshape(-1, W.shape[-1])"
         )
+    if not all(_is_int(n) for n in shape):
+        raise FormatError(f"weight shape {tuple(shape)} must be whole numbers (ints), got "
+                          f"{[type(n).__name__ for n in shape]}: q4lab never rounds a shape")
     N, K = shape
-    if N == 0 or K == 0:
-        raise FormatError(f"weight shape {tuple(shape)} is empty: there is nothing to quantize")
+    if N <= 0 or K <= 0:
+        raise FormatError(f"weight shape {tuple(shape)} is empty (or negative): there is nothing to quantize")
     if K % blocksize:
         divisors = [b for b in BLOCKSIZES if K % b == 0]
         suggestion = f"(e.g. {divisors[-1]})" if divisors else f"(none of {BLOCKSIZES} divides K)"

@@ -133,6 +133,13 @@ def auto_impl(N: int, K: int, M: int, dtype: torch.dtype, device: torch.device |
 def _check(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, impl: str) -> None:
     if impl not in IMPLS and impl != "auto":
         raise ValueError(f"unknown impl {impl!r}: choose one of {', '.join(IMPLS)} or 'auto'")
+    if not isinstance(w, Q4Weight):
+        raise ValueError(f"the weight is a {type(w).__name__}, not a Q4Weight: quantize it first "
+                         f"(w = q4lab.quantize(W)); gemm_4bit multiplies by 4-bit weights only")
+    for name, t in (("A", A), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} is a {type(t).__name__}, not a torch.Tensor: convert it with "
+                             f"torch.as_tensor({name}) (and .to(torch.float16) if it is float64)")
     if A.dtype not in _DTYPE_CODE:
         raise ValueError(f"activations are {A.dtype}: use float16, bfloat16 or float32 (A.to(torch.float16))")
     if A.dim() < 1 or A.shape[-1] != w.K:
@@ -142,6 +149,32 @@ def _check(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, impl: str) -
         raise ValueError(f"bias must be [{w.N}] in {A.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     if impl != "reference" and A.device != w.device:
         raise ValueError(f"A is on {A.device} but the weight is on {w.device}: move one with .to()")
+
+
+def _memory_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte address a tensor's elements occupy (strides in torch are never negative)."""
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def _check_out(out: torch.Tensor, A2: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """Refuse an `out` that shares memory with an input: the impls read their inputs while they write out,
+    so the result would silently be wrong."""
+    M = A2.shape[0]
+    if out.shape != (M, w.N) or out.dtype != A2.dtype or out.device != A2.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{M}, {w.N}] {A2.dtype} tensor on {A2.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    inputs = {"A": A2, "bias": bias, "the weight's packed codes": w.packed, "the weight's absmax": w.absmax,
+              "the weight's code table": w.code, "the weight's nested absmax": w.nested_absmax,
+              "the weight's nested code table": w.nested_code}
+    out_lo, out_hi = _memory_span(out)
+    for name, t in inputs.items():
+        if t is not None and t.numel() and out.numel() and t.device == out.device:
+            lo, hi = _memory_span(t)
+            if lo < out_hi and out_lo < hi:
+                raise ValueError(f"out shares memory with {name}: the result would overwrite its own input; "
+                                 f"pass a separate out tensor (or none)")
+    return out
 
 
 def _reference(A2: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -176,7 +209,8 @@ def simt_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *,
                          f"{rows_per_warp}, {m_tile}")
     _check(A, w, bias, "simt")
     A2 = A.reshape(-1, w.K)
-    out = torch.empty(A2.shape[0], w.N, dtype=A.dtype, device=A.device) if out is None else out
+    out = _check_out(out, A2, w, bias) if out is not None else torch.empty(A2.shape[0], w.N, dtype=A.dtype,
+                                                                           device=A.device)
     return _kernel("simt", A2, w, bias, out, rows_per_warp, m_tile).reshape(*A.shape[:-1], w.N)
 
 
@@ -228,16 +262,13 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
               out: torch.Tensor | None = None) -> torch.Tensor:
     """A[..., K] @ dequant(w)[N, K]^T (+ bias) -> [..., N] in A.dtype, computed by `impl` (see module doc).
 
-    `out`, when given, is a contiguous [M, N] tensor the result is written into (and returned)."""
+    `out`, when given, is a contiguous [M, N] tensor the result is written into (and returned); it may not
+    share memory with A, the weight or the bias."""
     _check(A, w, bias, impl)
     lead = A.shape[:-1]
     A2 = A.reshape(-1, w.K)
     M = A2.shape[0]
-    if out is None:
-        out = torch.empty(M, w.N, dtype=A.dtype, device=A.device)
-    elif out.shape != (M, w.N) or out.dtype != A.dtype or out.device != A.device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous [{M}, {w.N}] {A.dtype} tensor on {A.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    out = torch.empty(M, w.N, dtype=A.dtype, device=A.device) if out is None else _check_out(out, A2, w, bias)
     if impl == "auto":
         impl = auto_impl(w.N, w.K, M, A2.dtype, A2.device, w.quant_type)
     if impl in _KERNEL_IMPL or (impl == "dequant_blas" and A2.is_cuda):

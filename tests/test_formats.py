@@ -312,6 +312,7 @@ def test_values_on_the_code_table_round_trip_exactly(quant_type, blocksize, N, m
         (torch.randn(8, 96), {"blocksize": 64}, r"e\.g\. 32\)"),
         (torch.randn(8, 256), {"quant_type": "int4"}, r"unknown quant_type 'int4': use one of \('nf4', 'fp4'\)"),
         (torch.randn(8, 256), {"blocksize": 48}, r"unsupported blocksize 48: use one of"),
+        (torch.randn(8, 256), {"blocksize": 64.0}, r"unsupported blocksize 64.0: use one of .* \(an int\)"),
         (torch.randn(256), {}, r"must be 2-D \[N, K\].*got shape \(256,\): reshape"),
         (torch.randn(2, 8, 256), {}, r"must be 2-D \[N, K\].*got shape \(2, 8, 256\)"),
         (torch.randint(-8, 8, (8, 256), dtype=torch.int8), {}, r"dtype torch.int8 is not supported: convert"),
@@ -330,6 +331,14 @@ def test_non_finite_weights_raise_value_error(bad):
     W[3, 17] = bad
     with pytest.raises(FormatError, match=r"1 NaN/Inf value\(s\), the first at \[3, 17\].*fix or drop them"):
         quantize(W)
+
+
+def test_a_weight_with_a_fractional_shape_is_refused_not_rounded():
+    w = quantize(torch.randn(96, 128))
+    with pytest.raises(FormatError, match=r"weight shape \(96.5, 128\) must be whole numbers.*never rounds"):
+        Q4Weight(w.packed, w.absmax, w.code, (96.5, 128), w.dtype, w.quant_type, w.blocksize)
+    with pytest.raises(FormatError, match=r"unsupported blocksize 64.0"):
+        Q4Weight(w.packed, w.absmax, w.code, w.shape, w.dtype, w.quant_type, 64.0)
 
 
 def test_non_tensor_weight_raises_value_error():

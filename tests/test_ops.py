@@ -51,6 +51,36 @@ def test_out_is_written_in_place(weight):
     assert (out - ref).norm() / ref.norm() < 5e-4
 
 
+def _overlapping_calls():
+    """(what out overlaps, A, weight, bias, out) for out laid over each kind of input; N = K = 256 so that
+    out=A has the right shape."""
+    torch.manual_seed(0)
+    w = q4lab.quantize(torch.randn(256, 256), "nf4", 64)
+    A = torch.randn(256, 256)
+    shared = torch.randn(3 * 256 * 128)  # A and out: rows 0-255 and 128-383 of one buffer
+    wide = q4lab.quantize(torch.randn(256, 16384), "nf4", 64)  # its absmax: 65536 floats, out's size
+    with_bias = torch.randn(256 * 256 + 256)
+    return [
+        ("A", A, w, None, A),
+        ("A", shared[:65536].view(256, 256), w, None, shared[32768:].view(256, 256)),
+        ("the weight's absmax", torch.randn(256, 16384), wide, None, wide.absmax.view(256, 256)),
+        ("bias", A, w, with_bias[-256:], with_bias[256:].view(256, 256)),
+    ]
+
+
+@pytest.mark.parametrize("impl", ["reference", "dense", "dequant_blas"])
+def test_out_that_shares_memory_with_an_input_is_refused(impl):
+    for name, A, w, bias, out in _overlapping_calls():
+        before = out.clone()
+        with pytest.raises(ValueError, match=f"out shares memory with {name}: .*separate out tensor"):
+            q4lab.gemm_4bit(A, w, bias, impl=impl, out=out)
+        assert torch.equal(out, before)  # refused before anything was written
+    A = torch.randn(512, 256)
+    w = q4lab.quantize(torch.randn(256, 256), "nf4", 64)
+    q4lab.gemm_4bit(A[:256], w, impl=impl, out=A[256:])  # adjacent, not overlapping: allowed
+    assert torch.allclose(A[256:], q4lab.gemm_4bit(A[:256], w, impl="reference"), rtol=1e-3, atol=1e-3)
+
+
 def test_impl_bytes_counts_the_weight_each_impl_reads(weight):
     M, elem = 8, 2
     moved = M * 256 * elem + M * 37 * elem
@@ -72,6 +102,10 @@ def test_available_impls_on_the_cpu_say_why_not():
     (lambda w: q4lab.gemm_4bit(torch.randn(2, 256), w, impl="fast"), "unknown impl 'fast'"),
     (lambda w: q4lab.gemm_4bit(torch.randn(2, 256), w, impl="dense", out=torch.empty(2, 36)), "out must be"),
     (lambda w: ops.simt_gemm(torch.randn(2, 256), w, rows_per_warp=3), "rows_per_warp must be 1, 2 or 4"),
+    (lambda w: q4lab.gemm_4bit(torch.randn(2, 256).numpy(), w), r"A is a ndarray, not a torch.Tensor: .*as_tensor"),
+    (lambda w: q4lab.gemm_4bit(torch.randn(2, 256), w, [0.0] * 37), "bias is a list, not a torch.Tensor"),
+    (lambda w: q4lab.gemm_4bit(torch.randn(2, 256), torch.randn(37, 256)),
+     r"the weight is a Tensor, not a Q4Weight: quantize it first \(w = q4lab.quantize\(W\)\)"),
 ])
 def test_bad_calls_name_the_problem(weight, call, message):
     with pytest.raises(ValueError, match=message):
