@@ -11,7 +11,7 @@ tell apart:
   midpoints between measured shapes, each leaf holding at least MIN_LEAF_SHAPES shapes.
 
 Every step function minimizes the mean regret over its points, regret = time(chosen) / time(best of the
-rule's impls at that point), with at most one M segment per impl. Points are the grid rows' medians per
+rule's impls at that point), with at most as many M segments as impls. Points are the grid rows' medians per
 (config, shape, M), exactly as `analysis` takes them. `cross_validate` scores rules on shapes they were not
 fitted on (one shape family left out at a time), `transfer` on another device's data. Polars in, polars
 out, nothing measured here.
@@ -124,15 +124,21 @@ def point_times(df: pl.DataFrame, impls=None) -> tuple[pl.DataFrame, list[str]]:
     return wide.sort(*keys), impls
 
 
-def _regrets(times: pl.DataFrame, impls: list[str]) -> np.ndarray:
+def _times(times: pl.DataFrame, impls: list[str]) -> np.ndarray:
+    """[point, impl] times, infinite where the impl was not measured."""
     t = times.select(impls).to_numpy().astype(float)
-    t = np.where(np.isnan(t), np.inf, t)
+    return np.where(np.isnan(t), np.inf, t)
+
+
+def _regrets(times: pl.DataFrame, impls: list[str]) -> np.ndarray:
+    t = _times(times, impls)
     return np.where(np.isinf(t), _UNMEASURED, t / t.min(axis=1, keepdims=True))
 
 
 def _steps(m: np.ndarray, regrets: np.ndarray, impls: list[str]) -> tuple[list, float]:
-    """The step function in M (<= one segment per impl) with the least total regret: ([[max_m, impl], ...,
-    [None, impl]], that total). Thresholds sit at measured M; dynamic programming over the segments."""
+    """The step function in M (at most as many segments as impls) with the least total regret:
+    ([[max_m, impl], ..., [None, impl]], that total). Thresholds sit at measured M; dynamic programming
+    over the segments."""
     levels = np.unique(m)
     per_level = np.stack([regrets[m == v].sum(axis=0) for v in levels])  # [level, impl]
     prefix = np.vstack([np.zeros(len(impls)), np.cumsum(per_level, axis=0)])
@@ -218,8 +224,7 @@ def regret(rule: Rule, df: pl.DataFrame, arch: str | None = None) -> pl.DataFram
     times, _ = point_times(df, impls)
     chosen = [rule.choose(r["N"], r["K"], r["M"], r["dtype"], arch or r["arch"], r["quant_type"])
               for r in times.select("N", "K", "M", "dtype", "arch", "quant_type").iter_rows(named=True)]
-    t = times.select(impls).to_numpy().astype(float)
-    t = np.where(np.isnan(t), np.inf, t)
+    t = _times(times, impls)
     best = t.argmin(axis=1)
     column = {impl: i for i, impl in enumerate(impls)}
     t_chosen = np.array([t[p, column[c]] if c in column else np.inf for p, c in enumerate(chosen)])

@@ -224,3 +224,18 @@ def test_rollup_sums_the_model_weights_with_log_log_interpolation(h100):
     assert step("auto", 4096)["step_us"] is None  # beyond the largest measured M: no extrapolation
     with pytest.raises(ValueError, match=r"llama-3-8b.*\['llama-3-8b.lm_head'\] missing"):
         dispatch.rollup(fp16, rule, "llama-3-8b")
+
+
+def test_dispatch_fit_command_writes_a_rule_naming_its_data(planted, tmp_path, capsys):
+    from q4lab import cli
+
+    data = tmp_path / "planted.parquet"
+    planted.write_parquet(data)
+    out = tmp_path / "rule.json"
+    assert cli.main(["dispatch", "fit", str(data), "--out", str(out), "--kind", "per_dtype", "--impls", "simt,dequant_blas"]) == 0
+    rule = dispatch.load_rule(out)
+    assert rule == dispatch.fit(planted, ["simt", "dequant_blas"], "per_dtype", [data])
+    assert rule.provenance["datasets"] == ["planted.parquet"]
+    assert f"wrote {out}: per_dtype rule over simt, dequant_blas for gfx1201, sm_90" in capsys.readouterr().out
+    assert cli.main(["dispatch", "fit", str(tmp_path / "none.parquet"), "--out", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err and dispatch.load_rule(out) == rule  # the old rule stays
