@@ -5,6 +5,10 @@ Reports render offline: figures come from `plots.OfflineRenderer` (plotly.js emb
 and the HTML template drops the require.js, MathJax and mermaid scripts that nbconvert's "lab" template
 loads from a CDN. A notebook that fails is still exported (papermill keeps its outputs up to the error,
 which the report shows), the others still run, and the command exits non-zero at the end.
+
+One run writes into an output folder at a time (`writer_lock`); a second is refused. Every file appears
+whole: it is written beside its final name and renamed into place, so a reader (or a killed run) never
+sees half a page.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from pathlib import Path
 import jinja2
 import polars as pl
 
-from q4lab import analysis, dataset, plots
+from q4lab import analysis, dataset, plots, writer_lock
 from q4lab.notebook_params import REPO, describe, gpu_missing_reason, resolve
 
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -38,6 +42,17 @@ OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 # What an exported page shows where a live widget was (without a kernel only its text fallback could show)
 WIDGET_NOTE = ("<p><em>(an interactive widget: it works in JupyterLab with a running kernel; the exported "
                "report shows the snapshot below it)</em></p>")
+
+
+class ReportError(ValueError):
+    """An output folder that cannot be written."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all: into a temporary file beside it, then renamed over it."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 @dataclass
@@ -165,25 +180,30 @@ def run_notebook(name: str, out_dir: Path, parameters: dict, kernel_name: str = 
         raise FileNotFoundError(f"no notebook {source}; notebooks: {sorted(p.stem for p in NOTEBOOK_DIR.glob('*.ipynb'))}")
     executed = out_dir / "notebooks" / f"{name}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
-    executed.unlink(missing_ok=True)
+    partial = executed.with_name(f".{name}.{os.getpid()}.partial.ipynb")  # papermill saves as it goes
+    partial.unlink(missing_ok=True)
     start, error = time.perf_counter(), None
     try:
-        papermill.execute_notebook(str(source), str(executed), parameters=parameters, kernel_name=kernel_name,
+        papermill.execute_notebook(str(source), str(partial), parameters=parameters, kernel_name=kernel_name,
                                    cwd=str(REPO), progress_bar=False, execution_timeout=timeout)
     except PapermillExecutionError as err:
         first_line = next((line for line in err.source.splitlines() if line.strip()), "")
         error = f"cell {err.cell_index} (In [{err.exec_count}]: {first_line.strip()[:80]}): {err.ename}: {err.evalue}"
     except Exception as err:  # the kernel would not start, died or timed out: report it, keep going
         error = f"{type(err).__name__}: {err}"
-    if executed.is_file():
-        notebook = nbformat.read(executed, as_version=4)
+    try:
+        notebook = nbformat.read(partial, as_version=4)
         notebook.metadata.pop("widgets", None)  # widget state (megabytes of JS) that no offline page can use
         _replace_widget_views(notebook)
         body, _ = _exporter().from_notebook_node(notebook)
-    else:
-        body = f"<!DOCTYPE html><html><body><h1>{name}</h1><p>did not run: {html.escape(error or '')}</p></body></html>"
+        os.replace(partial, executed)
+    except Exception as err:  # never written, or unreadable: this notebook's page says so, the others go on
+        error = error or f"{type(err).__name__}: {err}"
+        partial.unlink(missing_ok=True)
+        executed.unlink(missing_ok=True)  # an earlier run's notebook would not match this page
+        body = f"<!DOCTYPE html><html><body><h1>{name}</h1><p>did not run: {html.escape(error)}</p></body></html>"
     html_path = out_dir / f"{name}.html"
-    html_path.write_text(body, encoding="utf-8")
+    write_atomic(html_path, body)
     return NotebookResult(name, html_path, time.perf_counter() - start, error)
 
 
@@ -221,7 +241,7 @@ def write_index(out_dir: Path, results: list[NotebookResult], frame: pl.DataFram
 <h2>Data</h2><ul>{files}</ul>{provenance}
 </body></html>"""
     index = out_dir / "index.html"
-    index.write_text(page, encoding="utf-8")
+    write_atomic(index, page)
     return index
 
 
@@ -236,24 +256,40 @@ def build_reports(out_dir="reports", data=DEFAULT_DATA, notebooks=NOTEBOOKS, par
     data_files = resolve(data)  # fail once, clearly, before any notebook starts when there is no data
     frame = dataset.load(data_files)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log(f"running {len(notebooks)} notebook(s) on {len(data_files)} dataset(s), {jobs} at a time", flush=True)
+    with contextlib.ExitStack() as held:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(writer_lock.hold(out / ".q4lab-report.lock", f"report folder {out}",
+                                                "pass another --out"))
+        except OSError as err:
+            raise ReportError(f"--out {out}: cannot write reports there ({err.strerror or err}: {err.filename}); "
+                              f"give a folder you can write to") from err
+        log(f"running {len(notebooks)} notebook(s) on {len(data_files)} dataset(s), {jobs} at a time", flush=True)
+        printing = threading.Lock()
 
-    printing = threading.Lock()
+        def run(name: str) -> NotebookResult:
+            params = {"data": [str(p) for p in data_files], **(parameters or {}).get(name, {})}
+            result = run_notebook(name, out, params, kernel_name, timeout)
+            with printing:
+                log(f"  {name}: " + (f"FAILED at {result.error}" if result.error else f"ok in {result.seconds:.1f} s")
+                    + f" -> {result.html}", flush=True)
+            return result
 
-    def run(name: str) -> NotebookResult:
-        params = {"data": [str(p) for p in data_files], **(parameters or {}).get(name, {})}
-        result = run_notebook(name, out, params, kernel_name, timeout)
-        with printing:
-            log(f"  {name}: " + (f"FAILED at {result.error}" if result.error else f"ok in {result.seconds:.1f} s")
-                + f" -> {result.html}", flush=True)
-        return result
-
-    with kernel_environment(), ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(run, notebooks))
-    index = write_index(out, results, frame, data_files)
+        with kernel_environment(), ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            results = list(pool.map(run, notebooks))
+        index = write_index(out, results, frame, data_files)
     log(f"index: {index}", flush=True)
     return results
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return value
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -262,8 +298,9 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reports", help="output folder (default reports/)")
     parser.add_argument("--only", nargs="+", choices=NOTEBOOKS, default=list(NOTEBOOKS), metavar="NOTEBOOK",
                         help=f"run only these notebooks ({', '.join(NOTEBOOKS)})")
-    parser.add_argument("--timeout", type=int, default=600, help="seconds a notebook cell may take (default 600)")
-    parser.add_argument("--jobs", type=int, default=4, help="notebooks run at a time (default 4; 1 when live)")
+    parser.add_argument("--timeout", type=_positive_int, default=600,
+                        help="seconds a notebook cell may take (default 600)")
+    parser.add_argument("--jobs", type=_positive_int, default=4, help="notebooks run at a time (default 4; 1 when live)")
     parser.add_argument("--live", choices=("auto", "yes", "no"), default="auto",
                         help="notebooks measure on this machine's GPU instead of reading the data (auto: when "
                              "torch sees a GPU); the index's headlines still come from --data")

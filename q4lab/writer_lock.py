@@ -1,0 +1,42 @@
+"""One writer at a time: an advisory file lock (filelock) whose file also says who holds it.
+
+A sweep log or a report folder written by two processes at once comes out interleaved, so whoever comes
+second is refused at once, with the holder's pid and host. The operating system drops the lock when its
+process ends, even by SIGKILL: a killed run never leaves a lock that blocks the next one (its stale
+holder line is overwritten by the next holder).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+
+import filelock
+
+
+class BusyError(RuntimeError):
+    """Another process holds the lock."""
+
+
+@contextlib.contextmanager
+def hold(lock_path: Path, what: str, elsewhere: str):
+    """Hold the lock at `lock_path` (created if missing) for the `with` block, or raise BusyError saying
+    that `what` is in use by whom and, in `elsewhere`, how to avoid waiting."""
+    lock_path = Path(lock_path)
+    lock = filelock.FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        holder = lock_path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
+        raise BusyError(f"{what} is in use by {holder} (lock {lock_path}): wait for that run to finish or "
+                        f"stop it, or {elsewhere}") from None
+    try:
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        lock_path.write_text(f"pid {os.getpid()} on host {socket.gethostname()} since {started}\n",
+                             encoding="utf-8")
+        yield
+    finally:
+        lock_path.write_text("", encoding="utf-8")
+        lock.release()
