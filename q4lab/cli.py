@@ -1,5 +1,5 @@
 """`q4lab info | build | sweep | dispatch | report`: each command's options and work live in the module that owns it
-(`kernels`, `sweep`, `dispatch`, `report`); this file only wires them to argparse."""
+(`kernels`, `sweep_cli`, `dispatch`, `report`); this file only wires them to argparse."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ import sys
 COMMANDS = {
     "info": ("q4lab.kernels", "torch, vendor, GPU, compilers and where kernels are built"),
     "build": ("q4lab.kernels", "build the kernel library for this (or a named) GPU arch"),
-    "sweep": ("q4lab.sweep", "measure M grids and N sweeps into a raw log and a parquet dataset"),
+    "sweep": ("q4lab.sweep_cli", "measure M grids and N sweeps into a raw log and a parquet dataset"),
     "dispatch": ("q4lab.dispatch", "fit the rule impl='auto' follows to datasets (q4lab dispatch fit DATA --out RULE.json)"),
     "report": ("q4lab.report", "run every notebook through papermill into reports/index.html"),
 }

@@ -1,4 +1,4 @@
-"""M grids and N sweeps, timed with `bench.time_call`, into a raw JSON-lines log and a parquet dataset.
+"""M grids and N sweeps, timed with `bench.time_call`, into a raw log (q4lab.runlog) and a parquet dataset.
 
 How a sweep measures:
 - The work is cut into chunks that share weights: one shape and quant type (M grid), or a run of
@@ -11,32 +11,20 @@ How a sweep measures:
   rotated by r, so drift hits every impl alike. A point's time is the median of its round medians, its
   spread (max - min) / median of them. A point whose spread exceeds `tol` is measured again (a fresh set
   of rounds, at most `max_remeasure` times); one that never settles is kept with `stable=False`.
-- Every round of every point is appended to the log and fsynced as soon as it is taken. A killed sweep
-  resumes where it stopped when run again with the same log; nothing taken is lost or taken twice.
-  A log belongs to one device and software identity: a run on another refuses to append to it.
-- `compact` turns logs into the dataset (q4lab.dataset.SCHEMA); a dataset never mixes identities.
-
-Log records, one JSON object a line, each with "kind" and "run_id":
-  run    one invocation: identity (device, versions, kernel hash), git commit, device_gbps, launch_us
-  skip   an impl unavailable on the device, and why
-  check  a point's output matched the reference (error, tolerance)
-  error  a point's output did not match the reference, or its impl raised; the point is not timed
-  round  one round of one point: the point, attempt, round, rounds, tolerance, bench.Timing's numbers
+- Every round is in the log as soon as it is taken (q4lab.runlog): a killed sweep resumes where it
+  stopped when run again with the same log; `runlog.compact` turns logs into the dataset.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
-import json
 import os
 import subprocess
-import sys
 import tempfile
 import uuid
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
@@ -47,8 +35,10 @@ import torch
 from tqdm.auto import tqdm
 
 import q4lab
-from q4lab import bench, dataset, formats, kernels, ops
-from q4lab.shapes import FAMILIES, Shape, nsweep_shape, select
+from q4lab import bench, formats, kernels, ops
+from q4lab.runlog import (IDENTITY, Point, PointLog, RawLog, SweepError, check_identity, finished_rows,
+                          log_identity, point_logs)
+from q4lab.shapes import Shape, nsweep_shape, select
 
 GRID_MS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 2048)
 TIMED_IMPLS = tuple(i for i in ops.IMPLS if i != "reference")
@@ -57,29 +47,6 @@ TIMED_IMPLS = tuple(i for i in ops.IMPLS if i != "reference")
 CHECK_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 4e-2}
 CHECK_FIRST_ROWS = 4          # rows checked: these, plus the last row of every M
 NSWEEP_CHUNK_NS = 8           # N values whose points are interleaved in one chunk
-# Provenance that must match for rows to share a log or a dataset.
-IDENTITY = ("device", "vendor", "arch", "driver", "runtime", "torch_version", "q4lab_version",
-            "kernel_hash", "timer")
-
-
-class SweepError(ValueError):
-    """A sweep that cannot run as asked: bad options, or a log/dataset of another device or version."""
-
-
-class Point(NamedTuple):
-    """One future dataset row: what is measured. Its fields are the raw log's key."""
-    sweep: str
-    shape: str
-    family: str
-    N: int
-    K: int
-    M: int
-    impl: str
-    dtype: str
-    quant_type: str
-    blocksize: int
-    nested: bool
-    cold: bool
 
 
 class Chunk(NamedTuple):
@@ -206,123 +173,6 @@ def _chunk_cost(plan: Plan, chunk: Chunk) -> float:
     return float(sum(s.N * s.K for s in chunk.shapes) * sum(plan.ms))
 
 
-# ------------------------------------------------------------------------------------------ the log
-
-class RawLog:
-    """The append-only JSON-lines log. `append` returns only once the record is on disk."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.records = read_log(self.path) if self.path.exists() else []
-        self._file = None
-
-    def append(self, record: dict) -> None:
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab")
-            if self._file.tell() and not _ends_with_newline(self.path):
-                self._file.write(b"\n")  # a write cut short by a kill: keep the next record on its own line
-        self._file.write((json.dumps(record) + "\n").encode())
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self.records.append(record)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
-
-
-def read_log(path) -> list[dict]:
-    """The log's records. Lines that are not JSON (a write cut short by a kill) are skipped with a
-    warning; the measurement such a line held is taken again by the next run."""
-    records, unreadable = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                unreadable += 1
-    if unreadable:
-        warnings.warn(f"{path}: skipped {unreadable} unreadable line(s), a write cut short by a kill; "
-                      f"running the sweep again re-measures what they held", stacklevel=2)
-    return records
-
-
-def _log_identity(records: list[dict], path) -> dict | None:
-    """The one identity of a log's runs (None for a log without runs); several is an error."""
-    identities = {json.dumps(r["identity"], sort_keys=True) for r in records if r["kind"] == "run"}
-    if len(identities) > 1:
-        raise SweepError(f"{path} holds runs of several devices/versions; compact each part separately")
-    return json.loads(identities.pop()) if identities else None
-
-
-def _check_identity(logged: dict | None, identity: dict, path) -> None:
-    if logged is None:
-        return
-    diff = [f"{k}: {logged.get(k)!r} in the log, {identity[k]!r} now" for k in IDENTITY if logged.get(k) != identity[k]]
-    if diff:
-        raise SweepError(f"{path} was written on another device or version ({'; '.join(diff)}); its rows must "
-                         f"not be mixed with this run's: write to a new log (--log other.jsonl)")
-
-
-@dataclass
-class PointLog:
-    """What the log knows about one point."""
-    checked: bool = False
-    error: str | None = None
-    attempts: dict[int, dict[int, dict]] = field(default_factory=dict)  # attempt -> round -> record
-
-    def next_rounds(self, rounds: int, tol: float, max_attempts: int) -> tuple[int, int, list[int]] | None:
-        """(attempt, its planned rounds, rounds still to take), or None when the point is finished."""
-        if self.error is not None:
-            return None
-        if not self.attempts:
-            return 0, rounds, list(range(rounds))
-        attempt = max(self.attempts)
-        taken = self.attempts[attempt]
-        planned = next(iter(taken.values()))["rounds"]
-        missing = [r for r in range(planned) if r not in taken]
-        if missing:
-            return attempt, planned, missing
-        if _spread(taken) <= tol or attempt + 1 >= max_attempts:
-            return None
-        return attempt + 1, rounds, list(range(rounds))
-
-    def finished_attempt(self) -> dict[int, dict] | None:
-        """The rounds of the latest attempt that has all its rounds."""
-        complete = [a for a, taken in self.attempts.items() if len(taken) == next(iter(taken.values()))["rounds"]]
-        return self.attempts[max(complete)] if complete else None
-
-
-def _spread(taken: dict[int, dict]) -> float:
-    medians = [r["time_us"] for r in taken.values()]
-    return float((max(medians) - min(medians)) / np.median(medians))
-
-
-def point_logs(records: list[dict]) -> dict[Point, PointLog]:
-    logs: dict[Point, PointLog] = {}
-    for rec in records:
-        if rec["kind"] not in ("check", "error", "round"):
-            continue
-        plog = logs.setdefault(Point(*(rec[f] for f in Point._fields)), PointLog())
-        if rec["kind"] == "check":
-            plog.checked = True
-        elif rec["kind"] == "error":
-            plog.error = rec["reason"]
-        else:
-            plog.attempts.setdefault(rec["attempt"], {})[rec["round"]] = rec
-    return logs
-
-
 # ------------------------------------------------------------------------------------------ measuring
 
 def _now() -> str:
@@ -378,7 +228,7 @@ def _run(plan: Plan, device, log, rounds, tol, max_remeasure, progress, part) ->
     max_attempts = 1 + max_remeasure
     with _opened_log(log) as raw:
         ident = identity(device)
-        _check_identity(_log_identity(raw.records, raw.path), ident, raw.path)
+        check_identity(log_identity(raw.records, raw.path), ident, raw.path)
         run = {"kind": "run", "run_id": uuid.uuid4().hex[:12], "identity": ident, "git_commit": _git_commit(),
                "started": _now(), "device_gbps": None, "launch_us": None}
 
@@ -405,7 +255,7 @@ def _run(plan: Plan, device, log, rounds, tol, max_remeasure, progress, part) ->
             for chunk, points in todo:
                 _measure_chunk(ctx, chunk, points)
         wanted = {p for chunk in chunks for p in plan.points(chunk, impls)}
-        return _frame(raw.records, wanted)
+        return finished_rows(raw.records, wanted)
 
 
 @dataclass
@@ -535,219 +385,5 @@ def _measure_round(ctx: _Context, p: Point, call, w, attempt: int, r: int, plann
     ctx.bar.update()
 
 
-# ------------------------------------------------------------------------------------------ datasets
-
-def _row(p: Point, taken: dict[int, dict], runs: dict[str, dict]) -> dict:
-    recs = [taken[r] for r in sorted(taken)]
-    last = max(recs, key=lambda rec: rec["timestamp"])
-    run = runs[last["run_id"]]
-    medians = [rec["time_us"] for rec in recs]
-    time_us = float(np.median(medians))
-    samples = np.concatenate([rec["samples_us"] for rec in recs])
-    lo, hi = np.percentile(samples, [20, 80])
-    spread = _spread(taken)
-    return {**run["identity"], "git_commit": run["git_commit"], "timestamp": last["timestamp"],
-            "run_id": last["run_id"],
-            **p._asdict(), "cold": all(rec["timed_cold"] for rec in recs),
-            "time_us": time_us, "time_us_lo": float(lo), "time_us_hi": float(hi), "samples": int(samples.size),
-            "rounds": len(recs), "spread": spread, "stable": spread <= last["tolerance"],
-            "host_us": float(np.median([rec["host_us"] for rec in recs])), "bytes": last["bytes"],
-            "flops": 2 * p.M * p.N * p.K, "gbps": last["bytes"] / time_us / 1e3,
-            "device_gbps": run["device_gbps"], "launch_us": run["launch_us"]}
-
-
-def _frame(records: list[dict], wanted: set[Point] | None = None) -> pl.DataFrame:
-    """Dataset rows of one log's finished points (those in `wanted`, when given)."""
-    runs = {r["run_id"]: r for r in records if r["kind"] == "run"}
-    rows = []
-    for p, plog in point_logs(records).items():
-        taken = plog.finished_attempt()
-        if taken is not None and (wanted is None or p in wanted):
-            rows.append(_row(p, taken, runs))
-    return pl.DataFrame(rows, schema=dataset.SCHEMA)
-
-
-def compact(log_path, out_path) -> pl.DataFrame:
-    """Write the finished points of one or several logs (a path or a list) into the parquet dataset at
-    `out_path`, and return the whole dataset. Rows already in `out_path` from the same runs are replaced,
-    so compacting again is harmless; rows of other runs are kept. Logs and dataset must share one
-    device/software identity."""
-    paths = [Path(log_path)] if isinstance(log_path, (str, Path)) else [Path(p) for p in log_path]
-    frames, run_ids, identities = [], set(), {}
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"no log at {path}: give the --log path a sweep wrote")
-        records = read_log(path)
-        logged = _log_identity(records, path)
-        if logged is None:
-            raise SweepError(f"{path} holds no runs: it is not a q4lab sweep log")
-        identities[str(path)] = logged
-        run_ids |= {r["run_id"] for r in records if r["kind"] == "run"}
-        frames.append(_frame(records))
-        _warn_unfinished(records, path)
-    if len({json.dumps(i, sort_keys=True) for i in identities.values()}) > 1:
-        raise SweepError(f"these logs come from different devices/versions {identities}: compact each into "
-                         f"its own dataset")
-    new = pl.concat(frames)
-    out = Path(out_path)
-    if out.exists():
-        old = dataset.load(out)
-        _check_dataset_identity(old, next(iter(identities.values())), out)
-        new = pl.concat([old.filter(~pl.col("run_id").is_in(sorted(run_ids))), new])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    new.write_parquet(tmp)
-    os.replace(tmp, out)
-    return new
-
-
-def _check_dataset_identity(old: pl.DataFrame, ident: dict, out: Path) -> None:
-    diff = {k: sorted(set(old[k].unique().to_list()) - {ident[k]}) for k in IDENTITY}
-    diff = {k: v for k, v in diff.items() if v}
-    if diff:
-        raise SweepError(f"{out} holds rows of another device or version ({diff}; this log: "
-                         f"{ {k: ident[k] for k in diff} }): write to a new file")
-
-
-def _warn_unfinished(records: list[dict], path) -> None:
-    plogs = point_logs(records).values()
-    errors = sum(plog.error is not None for plog in plogs)
-    unfinished = sum(plog.error is None and plog.finished_attempt() is None for plog in plogs)
-    if errors:
-        warnings.warn(f"{path}: {errors} point(s) failed their check or raised (kind 'error' in the log); "
-                      f"they have no row", stacklevel=3)
-    if unfinished:
-        warnings.warn(f"{path}: {unfinished} point(s) unfinished (the sweep was interrupted); run it again "
-                      f"with the same log to finish them", stacklevel=3)
-
-
-# ------------------------------------------------------------------------------------------ several GPUs
-
+# Runners by name, for the worker processes of a run over several GPUs (q4lab.sweep_cli.run_on_gpus)
 RUNNERS = {"run_grid": run_grid, "run_nsweep": run_nsweep}
-_WORKER = "import json, sys, q4lab.sweep as s; s.RUNNERS[sys.argv[1]](**json.loads(sys.argv[2]))"
-
-
-def gpu_list(spec: str | None) -> list[int] | None:
-    """`--gpus`: None (this process, current device), "all", or comma-separated visible GPU indices."""
-    if spec is None:
-        return None
-    count = torch.cuda.device_count()
-    if count == 0:
-        raise SweepError("--gpus given but no GPU is visible to torch; leave --gpus out to run on the CPU")
-    if spec == "all":
-        return list(range(count))
-    try:
-        gpus = [int(g) for g in spec.split(",") if g.strip()]
-    except ValueError:
-        raise SweepError(f"--gpus {spec!r}: give 'all' or GPU indices like 0,1") from None
-    bad = [g for g in gpus if not 0 <= g < count]
-    if bad or not gpus:
-        raise SweepError(f"--gpus {spec!r}: GPUs {bad or spec} do not exist; this host has indices 0..{count - 1}")
-    return list(dict.fromkeys(gpus))
-
-
-def part_logs(log: Path, gpus: list[int]) -> list[Path]:
-    return [log.with_name(f"{log.stem}.gpu{g}{log.suffix}") for g in gpus]
-
-
-def run_on_gpus(func: str, kwargs: dict, gpus: list[int], log: Path) -> list[Path]:
-    """Run `func` (run_grid or run_nsweep) split over `gpus`, one process per GPU (CUDA_VISIBLE_DEVICES),
-    each on its own part of the chunks into its own log; return the logs."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-    logs = part_logs(log, gpus)
-    procs = []
-    for i, (gpu, part_log) in enumerate(zip(gpus, logs)):
-        env = os.environ | {"CUDA_VISIBLE_DEVICES": visible[gpu] if visible != [""] else str(gpu)}
-        child = kwargs | {"device": "cuda:0", "log": str(part_log), "part": [i, len(gpus)]}
-        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, func, json.dumps(child)], env=env))
-    failed = [gpus[i] for i, proc in enumerate(procs) if proc.wait() != 0]
-    if failed:
-        raise RuntimeError(f"the sweep failed on GPU(s) {failed} (see above); run the same command again to "
-                           f"resume, nothing measured is lost")
-    return logs
-
-
-# ------------------------------------------------------------------------------------------ command line
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 1,2,4") from None
-
-
-def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="sweep_command", required=True)
-    grid = sub.add_parser("grid", help="shapes x M x dtypes x impls x quant types",
-                          description="Time an M grid into a raw log, then compact it into a parquet dataset.")
-    grid.add_argument("--shapes", default="all",
-                      help=f"comma-separated shape names, families ({', '.join(FAMILIES)}) or 'all' "
-                           f"(default)")
-    grid.add_argument("--m", type=_int_list, default=",".join(map(str, GRID_MS)), help="M values (default: %(default)s)")
-    grid.add_argument("--dtypes", default="fp16,bf16,fp32", help=f"of {', '.join(ops.DTYPES)} (default: %(default)s)")
-    grid.add_argument("--impls", default=",".join(TIMED_IMPLS),
-                      help=f"of {', '.join(ops.IMPLS)}, or 'all' for {', '.join(TIMED_IMPLS)} (the default)")
-    grid.add_argument("--quant-types", default="nf4",
-                      help=f"of {', '.join(formats.QUANT_TYPES)} (default: %(default)s)")
-    grid.add_argument("--repeat", action="store_true",
-                      help="label the rows sweep='repeat': a re-measurement to show run-to-run spread")
-
-    nsweep = sub.add_parser("nsweep", help="N from start to stop by step at fixed K",
-                            description="Time an N sweep into a raw log, then compact it into a parquet dataset.")
-    nsweep.add_argument("--k", type=int, required=True, help="K (in_features), a multiple of the blocksize")
-    nsweep.add_argument("--m", type=_int_list, default="1,8", help="M values (default: %(default)s)")
-    nsweep.add_argument("--n-start", type=int, default=512)
-    nsweep.add_argument("--n-stop", type=int, default=16384, help="last N, inclusive (default: %(default)s)")
-    nsweep.add_argument("--n-step", type=int, default=64)
-    nsweep.add_argument("--dtypes", default="fp16", help=f"of {', '.join(ops.DTYPES)} (default: %(default)s)")
-    nsweep.add_argument("--impls", default="simt,dense,bnb",
-                        help=f"of {', '.join(ops.IMPLS)}, or 'all' (default: %(default)s)")
-    nsweep.add_argument("--quant-type", default="nf4", choices=formats.QUANT_TYPES)
-
-    for cmd in (grid, nsweep):
-        cmd.add_argument("--blocksize", type=int, default=64)
-        cmd.add_argument("--nested", action="store_true", help="double-quantized (nested) absmax")
-        cmd.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
-        cmd.add_argument("--tol", type=float, default=0.05,
-                         help="between-round spread above which a point is measured again (default: %(default)s)")
-        cmd.add_argument("--max-remeasure", type=int, default=2,
-                         help="re-measurements of an unsettled point before it is kept unstable (default: %(default)s)")
-        cmd.add_argument("--warm", action="store_true", help="do not flush the L2 before each sample")
-        cmd.add_argument("--out", type=Path, required=True, help="parquet dataset to write or add to")
-        cmd.add_argument("--log", type=Path,
-                         help="raw JSON-lines log (default: --out with .jsonl); the same log resumes a sweep")
-        cmd.add_argument("--gpus", help="'all' or GPU indices (0,1): one process per GPU, one dataset")
-        cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    comp = sub.add_parser("compact", help="raw log(s) -> parquet dataset",
-                          description="Compact raw sweep logs of one device into a parquet dataset.")
-    comp.add_argument("logs", nargs="+", type=Path)
-    comp.add_argument("--out", type=Path, required=True)
-
-
-def sweep_command(args: argparse.Namespace) -> int:
-    if args.sweep_command == "compact":
-        frame = compact(args.logs, args.out)
-        print(f"{args.out}: {frame.height} rows")
-        return 0
-    common = dict(blocksize=args.blocksize, nested=args.nested, rounds=args.rounds, cold=not args.warm,
-                  tol=args.tol, max_remeasure=args.max_remeasure, progress=not args.no_progress)
-    if args.sweep_command == "grid":
-        func, kwargs = "run_grid", dict(shapes=args.shapes, ms=args.m, dtypes=args.dtypes, impls=args.impls,
-                                        quant_types=args.quant_types, sweep="repeat" if args.repeat else "grid",
-                                        **common)
-    else:
-        func, kwargs = "run_nsweep", dict(K=args.k, ms=args.m, n_start=args.n_start, n_stop=args.n_stop,
-                                          n_step=args.n_step, impls=args.impls, dtypes=args.dtypes,
-                                          quant_type=args.quant_type, **common)
-    log = args.log or args.out.with_suffix(".jsonl")
-    gpus = gpu_list(args.gpus)
-    if gpus is not None and len(gpus) > 1:
-        logs = run_on_gpus(func, kwargs, gpus, log)
-    else:
-        device = f"cuda:{gpus[0]}" if gpus else None
-        RUNNERS[func](**kwargs, device=device, log=log)
-        logs = [log]
-    frame = compact(logs, args.out)
-    print(f"{args.out}: {frame.height} rows (raw log: {', '.join(map(str, logs))})")
-    return 0

@@ -23,7 +23,7 @@ import polars as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from q4lab import bench, formats, ops, sweep  # noqa: E402
+from q4lab import bench, formats, ops, runlog, sweep  # noqa: E402
 
 
 def naive_us(fn, device, calls: int = 100) -> float:
@@ -124,7 +124,7 @@ def main() -> int:
     started = time.perf_counter()
     sweep.run_grid(["llama-3-8b.kv_proj", "llama-3-8b.q_proj"], [1, 8, 64], ["fp16"],
                    ["simt", "gemv", "dequant_blas", "dense", "bnb"], device=device, log=log, rounds=3)
-    frame = sweep.compact(log, out / "mini_grid.parquet")
+    frame = runlog.compact(log, out / "mini_grid.parquet")
     print(f"  {frame.height} rows in {time.perf_counter() - started:.1f} s -> {out / 'mini_grid.parquet'}")
     with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=200):
         print(frame.select("shape", "M", "impl", "time_us", "time_us_lo", "time_us_hi", "spread", "stable",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from q4lab import bench, dataset, ops, sweep
+from q4lab import bench, dataset, ops, runlog, sweep, sweep_cli
 from q4lab.shapes import Shape
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,7 +94,7 @@ def test_tiny_grid_end_to_end_into_parquet(tmp_path, quick_clock):
     assert checks.keys() == first_round.keys()
     assert all(checks[p] < first_round[p] for p in checks)  # checked before it is timed
 
-    written = sweep.compact(log, out)
+    written = runlog.compact(log, out)
     loaded = dataset.load(out)
     assert loaded.height == written.height == frame.height
     row = loaded.row(0, named=True)
@@ -160,7 +160,7 @@ def test_interrupted_sweep_resumes_with_nothing_lost_or_taken_twice(tmp_path, mo
     with pytest.warns(UserWarning, match="unreadable"):
         frame = sweep.run_grid(TINY, [1, 3], ["fp32"], CPU_IMPLS, log=log, rounds=2, tol=1.0, progress=False)
     with pytest.warns(UserWarning, match="unreadable"):
-        after = rounds_of(sweep.read_log(log))
+        after = rounds_of(runlog.read_log(log))
     assert after[:5] == before                                   # nothing taken was lost ...
     assert len(after) == len(set(after))                         # ... or taken twice
     assert frame.height == 2 * 2 * 3 and frame.select(["shape", "M", "impl"]).is_unique().all()
@@ -195,17 +195,17 @@ def test_killed_sweep_resumes_with_nothing_lost_or_taken_twice(tmp_path):
     proc.wait()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a line torn by the kill, if it hit one
-        before = rounds_of(sweep.read_log(log))
+        before = rounds_of(runlog.read_log(log))
     assert 4 <= len(before) < 2 * 2 * 3 * 2
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         frame = sweep.run_grid(TINY, [1, 3], ["fp32"], CPU_IMPLS, log=log, rounds=2, tol=1.0, progress=False)
-        after = rounds_of(sweep.read_log(log))
+        after = rounds_of(runlog.read_log(log))
     assert after[:len(before)] == before
     assert len(after) == len(set(after))
     assert frame.height == 2 * 2 * 3 and frame.select(["shape", "M", "impl"]).is_unique().all()
-    runs = [r["run_id"] for r in sweep.read_log(log) if r["kind"] == "run"]
+    runs = [r["run_id"] for r in runlog.read_log(log) if r["kind"] == "run"]
     assert len(runs) == 2
 
 
@@ -288,34 +288,34 @@ def test_a_log_of_another_device_is_refused(tmp_path, fake_clock):
 def test_compact_is_idempotent_appends_runs_and_never_mixes_identities(tmp_path, fake_clock):
     log, out = tmp_path / "l.jsonl", tmp_path / "d.parquet"
     sweep.run_grid(TINY, [1], ["fp32"], ["dense"], log=log, rounds=1, progress=False)
-    assert sweep.compact(log, out).height == 2
-    assert sweep.compact(log, out).height == 2             # again: replaced, not doubled
+    assert runlog.compact(log, out).height == 2
+    assert runlog.compact(log, out).height == 2             # again: replaced, not doubled
     second = tmp_path / "second.jsonl"
     rewrite_identity(log, second)                          # another run on the same device
-    assert sweep.compact(second, out).height == 4
+    assert runlog.compact(second, out).height == 4
     foreign = tmp_path / "foreign.jsonl"
     rewrite_identity(log, foreign, q4lab_version="9.9.9")
     with pytest.raises(sweep.SweepError, match="write to a new file"):
-        sweep.compact(foreign, out)
+        runlog.compact(foreign, out)
     with pytest.raises(sweep.SweepError, match="different devices"):
-        sweep.compact([log, foreign], tmp_path / "new.parquet")
+        runlog.compact([log, foreign], tmp_path / "new.parquet")
     assert dataset.load(out).height == 4
 
 
 def test_compact_names_missing_empty_and_corrupt_files(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no log"):
-        sweep.compact(tmp_path / "missing.jsonl", tmp_path / "d.parquet")
+        runlog.compact(tmp_path / "missing.jsonl", tmp_path / "d.parquet")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(sweep.SweepError, match="not a q4lab sweep log"):
-        sweep.compact(empty, tmp_path / "d.parquet")
+        runlog.compact(empty, tmp_path / "d.parquet")
     bad = tmp_path / "bad.parquet"
     bad.write_text("not parquet")
     log = tmp_path / "l.jsonl"
     monkeypatch.setattr(bench, "time_call", lambda call, **kw: fake_timing(10.0))
     sweep.run_grid(TINY[:1], [1], ["fp32"], ["dense"], log=log, rounds=1, progress=False)
     with pytest.raises(dataset.DatasetError):
-        sweep.compact(log, bad)
+        runlog.compact(log, bad)
 
 
 # --- bad input -----------------------------------------------------------------------------------------
@@ -376,21 +376,21 @@ def test_parts_of_a_grid_add_up_to_the_grid(tmp_path, fake_clock):
                              progress=False, part=(i, 2)) for i in range(2)]
     names = [set(f["shape"]) for f in frames]
     assert names[0] and names[1] and not names[0] & names[1] and names[0] | names[1] == {s.name for s in shapes}
-    merged = sweep.compact([tmp_path / "p0.jsonl", tmp_path / "p1.jsonl"], tmp_path / "all.parquet")
+    merged = runlog.compact([tmp_path / "p0.jsonl", tmp_path / "p1.jsonl"], tmp_path / "all.parquet")
     assert merged.height == 5
 
 
 def test_gpu_list_on_a_host_without_gpus(monkeypatch):
-    assert sweep.gpu_list(None) is None
-    monkeypatch.setattr(sweep.torch.cuda, "device_count", lambda: 0)
+    assert sweep_cli.gpu_list(None) is None
+    monkeypatch.setattr(sweep_cli.torch.cuda, "device_count", lambda: 0)
     with pytest.raises(sweep.SweepError, match="no GPU"):
-        sweep.gpu_list("all")
-    monkeypatch.setattr(sweep.torch.cuda, "device_count", lambda: 4)
-    assert sweep.gpu_list("all") == [0, 1, 2, 3]
-    assert sweep.gpu_list("2,0,2") == [2, 0]
+        sweep_cli.gpu_list("all")
+    monkeypatch.setattr(sweep_cli.torch.cuda, "device_count", lambda: 4)
+    assert sweep_cli.gpu_list("all") == [0, 1, 2, 3]
+    assert sweep_cli.gpu_list("2,0,2") == [2, 0]
     with pytest.raises(sweep.SweepError, match="do not exist"):
-        sweep.gpu_list("1,7")
-    assert sweep.part_logs(Path("runs/h100.jsonl"), [0, 3]) == [Path("runs/h100.gpu0.jsonl"),
+        sweep_cli.gpu_list("1,7")
+    assert sweep_cli.part_logs(Path("runs/h100.jsonl"), [0, 3]) == [Path("runs/h100.gpu0.jsonl"),
                                                                 Path("runs/h100.gpu3.jsonl")]
 
 
@@ -405,10 +405,10 @@ def test_run_on_gpus_starts_one_worker_per_gpu_on_its_own_part_and_log(monkeypat
         def wait(self):
             return 1 if fail and self.part == 1 else 0
 
-    monkeypatch.setattr(sweep.subprocess, "Popen", Worker)
+    monkeypatch.setattr(sweep_cli.subprocess, "Popen", Worker)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
     fail = False
-    logs = sweep.run_on_gpus("run_grid", {"shapes": "all", "ms": [1]}, [0, 2], tmp_path / "h100.jsonl")
+    logs = sweep_cli.run_on_gpus("run_grid", {"shapes": "all", "ms": [1]}, [0, 2], tmp_path / "h100.jsonl")
     assert logs == [tmp_path / "h100.gpu0.jsonl", tmp_path / "h100.gpu2.jsonl"]
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["4", "6"]   # physical ids behind 0 and 2
     kwargs = [json.loads(argv[-1]) for argv, _ in started]
@@ -418,15 +418,15 @@ def test_run_on_gpus_starts_one_worker_per_gpu_on_its_own_part_and_log(monkeypat
     assert all(argv[-2] == "run_grid" for argv, _ in started)
     fail = True
     with pytest.raises(RuntimeError, match=r"GPU\(s\) \[2\].*resume"):
-        sweep.run_on_gpus("run_grid", {"shapes": "all", "ms": [1]}, [0, 2], tmp_path / "h100.jsonl")
+        sweep_cli.run_on_gpus("run_grid", {"shapes": "all", "ms": [1]}, [0, 2], tmp_path / "h100.jsonl")
 
 
 # --- command line --------------------------------------------------------------------------------------
 
 def cli(*argv) -> int:
     parser = argparse.ArgumentParser()
-    sweep.add_sweep_arguments(parser)
-    return sweep.sweep_command(parser.parse_args(list(argv)))
+    sweep_cli.add_sweep_arguments(parser)
+    return sweep_cli.sweep_command(parser.parse_args(list(argv)))
 
 
 def test_command_line_grid_resume_and_compact(tmp_path, capsys, quick_clock):

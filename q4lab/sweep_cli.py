@@ -1,0 +1,145 @@
+"""`q4lab sweep grid | nsweep | compact`: the command line of q4lab.sweep, and a sweep split over several
+GPUs (one worker process per GPU, each into its own log, compacted into one dataset)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from q4lab import formats, ops
+from q4lab.runlog import SweepError, compact
+from q4lab.shapes import FAMILIES
+from q4lab.sweep import GRID_MS, RUNNERS, TIMED_IMPLS
+
+_WORKER = "import json, sys, q4lab.sweep as s; s.RUNNERS[sys.argv[1]](**json.loads(sys.argv[2]))"
+
+
+def gpu_list(spec: str | None) -> list[int] | None:
+    """`--gpus`: None (this process, current device), "all", or comma-separated visible GPU indices."""
+    if spec is None:
+        return None
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise SweepError("--gpus given but no GPU is visible to torch; leave --gpus out to run on the CPU")
+    if spec == "all":
+        return list(range(count))
+    try:
+        gpus = [int(g) for g in spec.split(",") if g.strip()]
+    except ValueError:
+        raise SweepError(f"--gpus {spec!r}: give 'all' or GPU indices like 0,1") from None
+    bad = [g for g in gpus if not 0 <= g < count]
+    if bad or not gpus:
+        raise SweepError(f"--gpus {spec!r}: GPUs {bad or spec} do not exist; this host has indices 0..{count - 1}")
+    return list(dict.fromkeys(gpus))
+
+
+def part_logs(log: Path, gpus: list[int]) -> list[Path]:
+    return [log.with_name(f"{log.stem}.gpu{g}{log.suffix}") for g in gpus]
+
+
+def run_on_gpus(func: str, kwargs: dict, gpus: list[int], log: Path) -> list[Path]:
+    """Run `func` (run_grid or run_nsweep) split over `gpus`, one process per GPU (CUDA_VISIBLE_DEVICES),
+    each on its own part of the chunks into its own log; return the logs."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    logs = part_logs(log, gpus)
+    procs = []
+    for i, (gpu, part_log) in enumerate(zip(gpus, logs)):
+        env = os.environ | {"CUDA_VISIBLE_DEVICES": visible[gpu] if visible != [""] else str(gpu)}
+        child = kwargs | {"device": "cuda:0", "log": str(part_log), "part": [i, len(gpus)]}
+        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, func, json.dumps(child)], env=env))
+    failed = [gpus[i] for i, proc in enumerate(procs) if proc.wait() != 0]
+    if failed:
+        raise RuntimeError(f"the sweep failed on GPU(s) {failed} (see above); run the same command again to "
+                           f"resume, nothing measured is lost")
+    return logs
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 1,2,4") from None
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="sweep_command", required=True)
+    grid = sub.add_parser("grid", help="shapes x M x dtypes x impls x quant types",
+                          description="Time an M grid into a raw log, then compact it into a parquet dataset.")
+    grid.add_argument("--shapes", default="all",
+                      help=f"comma-separated shape names, families ({', '.join(FAMILIES)}) or 'all' "
+                           f"(default)")
+    grid.add_argument("--m", type=_int_list, default=",".join(map(str, GRID_MS)), help="M values (default: %(default)s)")
+    grid.add_argument("--dtypes", default="fp16,bf16,fp32", help=f"of {', '.join(ops.DTYPES)} (default: %(default)s)")
+    grid.add_argument("--impls", default=",".join(TIMED_IMPLS),
+                      help=f"of {', '.join(ops.IMPLS)}, or 'all' for {', '.join(TIMED_IMPLS)} (the default)")
+    grid.add_argument("--quant-types", default="nf4",
+                      help=f"of {', '.join(formats.QUANT_TYPES)} (default: %(default)s)")
+    grid.add_argument("--repeat", action="store_true",
+                      help="label the rows sweep='repeat': a re-measurement to show run-to-run spread")
+
+    nsweep = sub.add_parser("nsweep", help="N from start to stop by step at fixed K",
+                            description="Time an N sweep into a raw log, then compact it into a parquet dataset.")
+    nsweep.add_argument("--k", type=int, required=True, help="K (in_features), a multiple of the blocksize")
+    nsweep.add_argument("--m", type=_int_list, default="1,8", help="M values (default: %(default)s)")
+    nsweep.add_argument("--n-start", type=int, default=512)
+    nsweep.add_argument("--n-stop", type=int, default=16384, help="last N, inclusive (default: %(default)s)")
+    nsweep.add_argument("--n-step", type=int, default=64)
+    nsweep.add_argument("--dtypes", default="fp16", help=f"of {', '.join(ops.DTYPES)} (default: %(default)s)")
+    nsweep.add_argument("--impls", default="simt,dense,bnb",
+                        help=f"of {', '.join(ops.IMPLS)}, or 'all' (default: %(default)s)")
+    nsweep.add_argument("--quant-type", default="nf4", choices=formats.QUANT_TYPES)
+
+    for cmd in (grid, nsweep):
+        cmd.add_argument("--blocksize", type=int, default=64)
+        cmd.add_argument("--nested", action="store_true", help="double-quantized (nested) absmax")
+        cmd.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
+        cmd.add_argument("--tol", type=float, default=0.05,
+                         help="between-round spread above which a point is measured again (default: %(default)s)")
+        cmd.add_argument("--max-remeasure", type=int, default=2,
+                         help="re-measurements of an unsettled point before it is kept unstable (default: %(default)s)")
+        cmd.add_argument("--warm", action="store_true", help="do not flush the L2 before each sample")
+        cmd.add_argument("--out", type=Path, required=True, help="parquet dataset to write or add to")
+        cmd.add_argument("--log", type=Path,
+                         help="raw JSON-lines log (default: --out with .jsonl); the same log resumes a sweep")
+        cmd.add_argument("--gpus", help="'all' or GPU indices (0,1): one process per GPU, one dataset")
+        cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    comp = sub.add_parser("compact", help="raw log(s) -> parquet dataset",
+                          description="Compact raw sweep logs of one device into a parquet dataset.")
+    comp.add_argument("logs", nargs="+", type=Path)
+    comp.add_argument("--out", type=Path, required=True)
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    if args.sweep_command == "compact":
+        frame = compact(args.logs, args.out)
+        print(f"{args.out}: {frame.height} rows")
+        return 0
+    common = dict(blocksize=args.blocksize, nested=args.nested, rounds=args.rounds, cold=not args.warm,
+                  tol=args.tol, max_remeasure=args.max_remeasure, progress=not args.no_progress)
+    if args.sweep_command == "grid":
+        func, kwargs = "run_grid", dict(shapes=args.shapes, ms=args.m, dtypes=args.dtypes, impls=args.impls,
+                                        quant_types=args.quant_types, sweep="repeat" if args.repeat else "grid",
+                                        **common)
+    else:
+        func, kwargs = "run_nsweep", dict(K=args.k, ms=args.m, n_start=args.n_start, n_stop=args.n_stop,
+                                          n_step=args.n_step, impls=args.impls, dtypes=args.dtypes,
+                                          quant_type=args.quant_type, **common)
+    log = args.log or args.out.with_suffix(".jsonl")
+    gpus = gpu_list(args.gpus)
+    if gpus is not None and len(gpus) > 1:
+        logs = run_on_gpus(func, kwargs, gpus, log)
+    else:
+        device = f"cuda:{gpus[0]}" if gpus else None
+        RUNNERS[func](**kwargs, device=device, log=log)
+        logs = [log]
+    frame = compact(logs, args.out)
+    print(f"{args.out}: {frame.height} rows (raw log: {', '.join(map(str, logs))})")
+    return 0
