@@ -16,12 +16,10 @@ step by step (bitsandbytes/backends/default/ops.py for the 4-bit codes, the comp
 the same torch code on every device; bitsandbytes' own CUDA kernels are a different implementation
 that this module is not checked against.
 
-`Q4Weight.to_bnb_state_dict` / `from_bnb_state_dict` use the keys and the packed-JSON quant state that a
-bitsandbytes `Linear4bit` writes, so weights quantized by bitsandbytes can be loaded and probed.
+`q4lab.bnb_state` reads and writes a weight in the state-dict layout of a bitsandbytes `Linear4bit`.
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from dataclasses import dataclass, replace
@@ -170,94 +168,6 @@ class Q4Weight:
             nested_code=move(self.nested_code),
         )
 
-    def to_bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """The weight entries a bitsandbytes `Linear4bit` with module prefix `prefix` puts in its state dict.
-
-        Same keys, order, shapes, dtypes and packed-JSON bytes as `QuantState.as_dict(packed=True)`.
-        """
-        sd = {
-            f"{prefix}weight": self.packed.reshape(-1, 1),  # Params4bit keeps the bytes as a column
-            f"{prefix}weight.absmax": self.absmax,
-            f"{prefix}weight.quant_map": self.code,
-        }
-        quant_state = {
-            "quant_type": self.quant_type,
-            "blocksize": self.blocksize,
-            "dtype": _dtype_name(self.dtype),
-            "shape": list(self.shape),
-        }
-        if self.nested:
-            sd[f"{prefix}weight.nested_absmax"] = self.nested_absmax
-            sd[f"{prefix}weight.nested_quant_map"] = self.nested_code
-            quant_state |= {
-                "nested_blocksize": NESTED_BLOCKSIZE,
-                "nested_dtype": "float32",
-                "nested_offset": self.nested_offset,
-            }
-        quant_state_bytes = list(json.dumps(quant_state).encode("utf-8"))
-        sd[f"{prefix}weight.quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(
-            quant_state_bytes, dtype=torch.uint8
-        )
-        return sd
-
-    @classmethod
-    def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "") -> Q4Weight:
-        """Read the weight of a bitsandbytes `Linear4bit` at module prefix `prefix` from a state dict.
-
-        Other keys (the bias, other layers) are ignored. Tensors stay on the device they are on.
-        """
-        weight_key = f"{prefix}weight"
-        quant_state_keys = [f"{weight_key}.quant_state.bitsandbytes__{qt}" for qt in QUANT_TYPES]
-        present = [key for key in quant_state_keys if key in sd]
-        if len(present) != 1:
-            found = [key for key in sd if ".quant_state.bitsandbytes__" in key]
-            raise FormatError(
-                f"state dict needs exactly one of {quant_state_keys}, it has {found or 'no 4-bit quant state'}: "
-                "pass the layer's module prefix as `prefix` (e.g. 'model.layers.0.mlp.up_proj.') and a state "
-                "dict saved from a quantized bitsandbytes Linear4bit (or by Q4Weight.to_bnb_state_dict)"
-            )
-        quant_state = json.loads(bytes(sd[present[0]].cpu().tolist()).decode("utf-8"))
-        _check_keys(present[0], quant_state, ("quant_type", "blocksize", "dtype", "shape"))
-        nested = "nested_offset" in quant_state
-        if nested:
-            _check_keys(present[0], quant_state, ("nested_blocksize", "nested_dtype"))
-            if (quant_state["nested_blocksize"], quant_state["nested_dtype"]) != (NESTED_BLOCKSIZE, "float32"):
-                raise FormatError(
-                    f"nested blocksize {quant_state['nested_blocksize']} / dtype {quant_state['nested_dtype']} "
-                    f"is not bitsandbytes' {NESTED_BLOCKSIZE} / float32: requantize with bitsandbytes' defaults"
-                )
-        tensor_names = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if nested else [])
-        required = [weight_key] + [f"{weight_key}.{name}" for name in tensor_names]
-        missing = [key for key in required if key not in sd]
-        if missing:
-            raise FormatError(
-                f"state dict is missing {missing} for a "
-                f"{'nested ' if nested else ''}{quant_state['quant_type']} weight at prefix {prefix!r}: "
-                "pass the full state dict of the layer (all its 'weight.*' entries)"
-            )
-        if quant_state["dtype"] not in {_dtype_name(d) for d in DTYPES}:
-            raise FormatError(
-                f"weight dtype {quant_state['dtype']!r} is not supported: q4lab handles "
-                f"{[_dtype_name(d) for d in DTYPES]}"
-            )
-        shape = quant_state["shape"]
-        if not isinstance(shape, list) or len(shape) != 2:
-            raise FormatError(f"weight shape {shape} is not 2-D: q4lab handles Linear weights [N, K] only")
-        # A bitsandbytes quant_storage other than uint8 only reinterprets the same bytes.
-        packed = sd[weight_key].contiguous().view(torch.uint8).reshape(-1)
-        return cls(
-            packed=packed,
-            absmax=sd[f"{weight_key}.absmax"],
-            code=sd[f"{weight_key}.quant_map"],
-            shape=tuple(shape),
-            dtype=getattr(torch, quant_state["dtype"]),
-            quant_type=quant_state["quant_type"],
-            blocksize=quant_state["blocksize"],
-            nested_absmax=sd[f"{weight_key}.nested_absmax"] if nested else None,
-            nested_offset=quant_state["nested_offset"] if nested else None,
-            nested_code=sd[f"{weight_key}.nested_quant_map"] if nested else None,
-        )
-
 
 def quantize(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, nested: bool = False) -> Q4Weight:
     """Quantize a weight [N, K] (fp16/bf16/fp32, any device) to 4 bits, as bitsandbytes' quantize_4bit does."""
@@ -303,17 +213,6 @@ def unpack_absmax(w: Q4Weight) -> torch.Tensor:
     nblocks = w.absmax.numel()
     per_block = w.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:nblocks]
     return w.nested_code[w.absmax.long()] * per_block + w.nested_offset
-
-
-def save(w: Q4Weight, path, prefix: str = "") -> None:
-    """Write `w` with torch.save in bitsandbytes' state-dict layout (loadable by bitsandbytes too)."""
-    torch.save(w.to_bnb_state_dict(prefix), path)
-
-
-def load(path, prefix: str = "", device: torch.device | str = "cpu") -> Q4Weight:
-    """Read a weight written by `save` (or any torch.save'd bitsandbytes state dict) onto `device`."""
-    sd = torch.load(path, map_location=device, weights_only=True)
-    return Q4Weight.from_bnb_state_dict(sd, prefix)
 
 
 def _quantize_4bit_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,7 +283,7 @@ def _check_parameters(shape: tuple[int, ...], dtype: torch.dtype, quant_type: st
     if dtype not in DTYPES:
         raise FormatError(
             f"weight dtype {dtype} is not supported: convert it first, e.g. W.to(torch.float16); "
-            f"q4lab quantizes {[_dtype_name(d) for d in DTYPES]}"
+            f"q4lab quantizes {[dtype_name(d) for d in DTYPES]}"
         )
     if len(shape) != 2:
         raise FormatError(
@@ -432,14 +331,5 @@ def _check_tensor(name: str, t, dtype: torch.dtype, shape: tuple[int, ...]) -> N
         )
 
 
-def _check_keys(key: str, quant_state: dict, names: tuple[str, ...]) -> None:
-    missing = [name for name in names if name not in quant_state]
-    if missing:
-        raise FormatError(
-            f"{key} lacks {missing}: it is not a bitsandbytes 4-bit quant state; save the layer from a "
-            "quantized bitsandbytes Linear4bit (or Q4Weight.to_bnb_state_dict)"
-        )
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")

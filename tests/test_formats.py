@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from q4lab import formats
+from q4lab import bnb_state, formats
 from q4lab.formats import FormatError, Q4Weight, dequantize, quantize
 
 try:
@@ -146,13 +146,13 @@ def test_bitsandbytes_linear4bit_state_dict_round_trip(dtype, quant_type, nested
     sd = model.state_dict(prefix="model.layers.0.mlp.")
     expected = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
 
-    loaded = Q4Weight.from_bnb_state_dict(sd, prefix=PREFIX)
+    loaded = bnb_state.from_state_dict(sd, prefix=PREFIX)
     assert (loaded.shape, loaded.dtype, loaded.quant_type, loaded.blocksize, loaded.nested) == (
         (96, 512), W.dtype, quant_type, 128, nested)  # fmt: skip
     assert torch.equal(dequantize(loaded), expected)
 
     # q4lab's own quantization writes the same entries, in the same order, byte for byte (the bias aside).
-    ours = quantize(W, quant_type, 128, nested).to_bnb_state_dict(prefix=PREFIX)
+    ours = bnb_state.to_state_dict(quantize(W, quant_type, 128, nested), prefix=PREFIX)
     assert list(ours) == [key for key in sd if key != f"{PREFIX}bias"]
     for key, value in ours.items():
         assert value.dtype == sd[key].dtype and torch.equal(value, sd[key]), key
@@ -169,15 +169,15 @@ def test_state_dict_with_non_uint8_quant_storage_loads():
     layer = bnb_linear4bit(W, "nf4", 64, True, quant_storage=torch.bfloat16)
     sd = layer.state_dict(prefix="lin.")
     assert sd["lin.weight"].dtype == torch.bfloat16
-    w = Q4Weight.from_bnb_state_dict(sd, prefix="lin.")
+    w = bnb_state.from_state_dict(sd, prefix="lin.")
     assert torch.equal(dequantize(w), F.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
 def test_save_load_round_trip(tmp_path, nested):
     w = quantize(make_weight((48, 256), torch.float16, 64), "fp4", 64, nested)
-    formats.save(w, tmp_path / "w.pt", prefix=PREFIX)
-    back = formats.load(tmp_path / "w.pt", prefix=PREFIX)
+    bnb_state.save(w, tmp_path / "w.pt", prefix=PREFIX)
+    back = bnb_state.load(tmp_path / "w.pt", prefix=PREFIX)
     assert torch.equal(dequantize(back), dequantize(w))
     assert back.nested_offset == w.nested_offset and back.shape == w.shape
 
@@ -348,7 +348,7 @@ def test_non_tensor_weight_raises_value_error():
 
 @pytest.fixture
 def nested_state_dict():
-    return quantize(make_weight((16, 256), torch.float16, 64), "nf4", 64, nested=True).to_bnb_state_dict(PREFIX)
+    return bnb_state.to_state_dict(quantize(make_weight((16, 256), torch.float16, 64), "nf4", 64, nested=True), PREFIX)
 
 
 @pytest.mark.parametrize("key", ["weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
@@ -356,18 +356,18 @@ def nested_state_dict():
 def test_state_dict_missing_key_raises_value_error(nested_state_dict, key):
     del nested_state_dict[PREFIX + key]
     with pytest.raises(FormatError, match=rf"missing \['{PREFIX}{key}'\].*pass the full state dict"):
-        Q4Weight.from_bnb_state_dict(nested_state_dict, PREFIX)
+        bnb_state.from_state_dict(nested_state_dict, PREFIX)
 
 
 def test_state_dict_without_quant_state_raises_value_error(nested_state_dict):
     del nested_state_dict[f"{PREFIX}weight.quant_state.bitsandbytes__nf4"]
     with pytest.raises(FormatError, match="no 4-bit quant state"):
-        Q4Weight.from_bnb_state_dict(nested_state_dict, PREFIX)
+        bnb_state.from_state_dict(nested_state_dict, PREFIX)
 
 
 def test_state_dict_with_wrong_prefix_names_the_prefixes_it_has(nested_state_dict):
     with pytest.raises(FormatError, match=r"it has \['model\.layers\.0\.mlp\.up_proj\.weight\.quant_state.*prefix"):
-        Q4Weight.from_bnb_state_dict(nested_state_dict, "model.layers.1.mlp.up_proj.")
+        bnb_state.from_state_dict(nested_state_dict, "model.layers.1.mlp.up_proj.")
 
 
 @pytest.mark.parametrize(
@@ -382,4 +382,4 @@ def test_state_dict_with_wrong_prefix_names_the_prefixes_it_has(nested_state_dic
 def test_state_dict_with_wrong_tensors_raises_value_error(nested_state_dict, key, value, message):
     nested_state_dict[PREFIX + key] = value(nested_state_dict[PREFIX + key])
     with pytest.raises(FormatError, match=message):
-        Q4Weight.from_bnb_state_dict(nested_state_dict, PREFIX)
+        bnb_state.from_state_dict(nested_state_dict, PREFIX)
