@@ -203,7 +203,7 @@ def simt_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *,
     """The simt kernel with its launch configuration chosen by hand: `rows_per_warp` R in {1, 2, 4}
     (weight rows a warp reuses each activation load for) and `m_tile` MT in {1, 2, 4, 8} (activation rows
     a block reuses each decoded weight for); 0 lets the launch model gemm_4bit(impl="simt") uses pick that
-    part, given the other (`analysis.simt_launch` mirrors it when both are 0)."""
+    part, given the other (`q4lab.launch.simt_launch` mirrors it when both are 0)."""
     if rows_per_warp not in (0, 1, 2, 4) or m_tile not in (0, 1, 2, 4, 8):
         raise ValueError(f"rows_per_warp must be 1, 2 or 4 and m_tile 1, 2, 4 or 8 (0 = automatic); got "
                          f"{rows_per_warp}, {m_tile}")
@@ -216,7 +216,7 @@ def simt_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *,
 
 def simt_blocks_per_sm(dtype: torch.dtype, nested: bool = False) -> dict[tuple[int, int], int]:
     """Resident blocks per SM of each simt (rows per warp, M tile) instance on the current GPU, as the
-    launcher reads them from the runtime (compare `analysis.SM90_BLOCKS_PER_SM[dtype name]`)."""
+    launcher reads them from the runtime (compare `q4lab.launch.SM90_BLOCKS_PER_SM[dtype name]`)."""
     table = (ctypes.c_int * len(kernels.SIMT_TABLE_ORDER))()
     kernels.check(kernels.library().q4_simt_blocks_per_sm(_DTYPE_CODE[dtype], int(nested), table))
     return dict(zip(kernels.SIMT_TABLE_ORDER, table))

@@ -15,7 +15,7 @@ card; `DEVICES`), with times in microseconds and bytes counted as `ops.impl_byte
 Planted on top (all keyed by device key and shape name; the defaults are the `PLANTED_*` constants):
 `crossovers` (M* per shape; M* > M_max or < M_min plant censored ones), `floors` (simt flat at floor_us
 up to m_floor, then rising), `wave_tails` (simt's bandwidth term slowed by the wave-quantization model of
-`analysis.wave_slowdown`), `unstable` (a shape's simt rows marked unstable), and in the N-sweep `slow_n`
+`launch.wave_slowdown`), `unstable` (a shape's simt rows marked unstable), and in the N-sweep `slow_n`
 (N that are multiples of a divisor run at a fraction of the bandwidth) and `unstable_n`. Times carry no
 noise, so tests can demand that every analysis finds exactly what was planted.
 """
@@ -26,7 +26,7 @@ import math
 import numpy as np
 import polars as pl
 
-from q4lab.analysis import wave_slowdown
+from q4lab.launch import wave_slowdown
 from q4lab.dataset import COLUMNS, SCHEMA
 from q4lab.shapes import get as get_shape
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from q4lab import analysis, bench, formats, kernels, ops  # noqa: E402
+from q4lab import bench, formats, kernels, launch, ops  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "gpu_out"))
 # ||out - ref|| / ||ref|| bounds. simt/gemv accumulate in fp32 from exact fp32 weights, so only the output
@@ -262,8 +262,8 @@ def configs(args) -> int:
     residency = ops.simt_blocks_per_sm(dtype, args.nested)  # what the launcher reads for these weights
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"{args.dtype}: resident blocks per SM (R, MT): {residency}"
-          + ("" if residency == analysis.SM90_BLOCKS_PER_SM[args.dtype] else
-             "  (differs from analysis.SM90_BLOCKS_PER_SM)"))
+          + ("" if residency == launch.SM90_BLOCKS_PER_SM[args.dtype] else
+             "  (differs from launch.SM90_BLOCKS_PER_SM)"))
     OUT.mkdir(parents=True, exist_ok=True)
     wrong = 0
     with open(OUT / "configs.csv", "w") as csv:
@@ -279,7 +279,7 @@ def configs(args) -> int:
                     continue
                 out = torch.empty(M, N, dtype=A.dtype, device=dev)
                 times = {}
-                for R, MT in [(0, 0), *analysis.SIMT_CONFIGS]:
+                for R, MT in [(0, 0), *launch.SIMT_CONFIGS]:
                     name = "auto" if R == 0 else f"r{R}m{MT}"
                     fn = (lambda R=R, MT=MT: ops.simt_gemm(A, w, rows_per_warp=R, m_tile=MT, out=out))
                     out.fill_(float("nan"))  # poison
@@ -292,7 +292,7 @@ def configs(args) -> int:
                 csv.writelines(f"{args.dtype},{N},{K},{M},{c},{t:.2f}\n" for c, t in times.items())
                 csv.flush()
                 best = min((t, c) for c, t in times.items() if c != "auto")
-                pick = "r{}m{}".format(*analysis.simt_launch(N, M, K, sms, residency, args.dtype))  # auto's, mirrored
+                pick = "r{}m{}".format(*launch.simt_launch(N, M, K, sms, residency, args.dtype))  # auto's, mirrored
                 print(f"N={N:>6} K={K:>6} M={M:>3}  best {best[1]} {best[0]:8.1f} us  "
                       f"auto ({pick}) {times['auto']:8.1f} us "
                       f"({times['auto'] / best[0]:.2f}x)", flush=True)

@@ -160,27 +160,6 @@ def test_family_bookkeeping_on_the_gfx1201_sweep(df):
     assert "mult_64" not in fam and "mult_128" not in fam  # they hold every swept N: no information
 
 
-def test_wave_model():
-    # the launcher's choices where the H100 sweep agrees (docs/bench/h100_2026-11-26_v6_rule.csv): two rows a
-    # warp at M=1 on a large N, one where N is small, the full M tile at M=8 and three tiles of 4 at M=12
-    assert analysis.simt_launch(28672, 1, 8192) == (2, 1) and analysis.simt_launch(1024, 1, 4096) == (1, 1)
-    assert analysis.simt_launch(28672, 8, 8192) == (4, 8) and analysis.simt_launch(16384, 12, 4096) == (4, 4)
-    assert analysis.simt_launch(512, 3, 4096)[1] <= 4  # never an M tile past M rounded up to a power of two
-    # fp32 activations cost 275 ns a row, not 100: the fp32 sweep (h100_2026-11-26_v6rule_configs_fp32.csv)
-    # has the lm_head at M=1 on 4 rows a warp (r4m1 145.5 us against r2m1's 167.4)
-    assert analysis.simt_launch(128256, 1, 4096) == (2, 1)
-    assert analysis.simt_launch(128256, 1, 4096, dtype="fp32") == (4, 1)
-    assert analysis.simt_block_ns(2, 1, 8192, "fp32") - analysis.simt_block_ns(2, 1, 8192) == 8 * 175
-    # 3584 blocks, 28 on the busiest of 132 SMs: 7 waves of 4 blocks (16 warps, 16/9 crowding), each block
-    # 8 groups x (2 x 140 + 100 + 2 x 40) + 50 ns
-    assert analysis.simt_model_ns(28672, 1, 8192, 2, 1, 132, 4) == pytest.approx(7 * 16 / 9 * 3730)
-    assert analysis.wave_slowdown(28672, 1, 8192, "sm_90") == pytest.approx(28 / (3584 / 132))
-    assert analysis.wave_slowdown(28672, 1, 8192, "sm_90", sm_count=128) == 1.0  # 28 blocks on every SM
-    assert analysis.wave_slowdown(512, 1, 65536, "sm_90") == pytest.approx(132 * 5 * 9 / (128 * 20))
-    assert analysis.wave_slowdown(4096, 1, 4096, "unknown_arch") is None
-    assert analysis.wave_slowdown(4096, 1, 4096, "unknown_arch", sm_count=64, blocks_per_sm=4) == 1.0
-
-
 def test_bad_input_names_the_problem_and_the_fix(df):
     with pytest.raises(ValueError, match=r"no grid/repeat rows for impl 'marlin'.*impls measured there"):
         analysis.crossovers(df, impl_b="marlin")

@@ -50,8 +50,8 @@ def test_nvcc_builds_the_library_for_the_ci_archs_and_it_loads_without_a_gpu(cud
     assert lib.q4_source_hash().decode() == kernels.source_hash()
     assert lib.q4_warp_size() == 32
     # the launch heuristics are plain host code in the library: callable without a GPU
-    from q4lab import analysis
-    h100, h100_fp32 = analysis.SM90_BLOCKS_PER_SM["bf16"], analysis.SM90_BLOCKS_PER_SM["fp32"]
+    from q4lab import launch
+    h100, h100_fp32 = launch.SM90_BLOCKS_PER_SM["bf16"], launch.SM90_BLOCKS_PER_SM["fp32"]
     assert simt_config(lib, 28672, 8, 8192, 132, h100) == (4, 8)
     assert simt_config(lib, 1024, 1, 4096, 132, h100) == (1, 1)
     # fp32 activations cost more a row: the 128256-row lm_head at M=2 reuses them over 4 weight rows (the
@@ -64,13 +64,13 @@ def test_nvcc_builds_the_library_for_the_ci_archs_and_it_loads_without_a_gpu(cud
     assert simt_config(lib, 28672, 1, 8192, 132, h100, fixed=(0, 8)) == (4, 8)
     assert simt_config(lib, 28672, 1, 8192, 132, h100, fixed=(2, 4)) == (2, 4)
     assert simt_config(lib, 28672, 1, 8192, 132, h100, fixed=(3, 0)) is None
-    # the wave model in analysis mirrors the launcher, on the H100's residencies and on a uniform one
-    uniform = {c: 3 for c in analysis.SIMT_CONFIGS}
+    # the launch model mirrors the launcher, on the H100's residencies and on a uniform one
+    uniform = {c: 3 for c in launch.SIMT_CONFIGS}
     for N, M, K, sms, dtype, table in itertools.product(
             (1, 37, 512, 1024, 2112, 3072, 4224, 9216, 128256), (1, 2, 3, 5, 8, 9, 12, 64, 2048), (64, 4096, 14336),
             (108, 132, 304), ("bf16", "fp32"), ("sm90", "uniform")):
-        residency = analysis.SM90_BLOCKS_PER_SM[dtype] if table == "sm90" else uniform
-        mirrored = analysis.simt_launch(N, M, K, sms, residency, dtype)
+        residency = launch.SM90_BLOCKS_PER_SM[dtype] if table == "sm90" else uniform
+        mirrored = launch.simt_launch(N, M, K, sms, residency, dtype)
         assert mirrored == simt_config(lib, N, M, K, sms, residency, dtype), (N, M, K, sms, dtype, table)
 
 
