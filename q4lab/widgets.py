@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 import polars as pl
 
 from q4lab import analysis, dataset, plots
-from q4lab.notebook_params import gpu_missing_reason
+from q4lab.notebook_io import gpu_missing_reason
 
 ALL_DEVICES = "all devices"
 LIVE_MS = (1, 2, 4, 8, 16, 32, 64, 128)

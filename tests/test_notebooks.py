@@ -11,10 +11,10 @@ import pytest
 from papermill.exceptions import PapermillExecutionError
 from plotly.offline import get_plotlyjs
 
-from q4lab import analysis, dataset, notebook_params as nbp, report
+from q4lab import analysis, dataset, notebook_io as nbio, report
 from q4lab.synthetic import synthetic_dataset
 
-REPO = nbp.REPO
+REPO = nbio.REPO
 NOTEBOOKS = report.NOTEBOOKS
 SMALL = {  # small parameters: the runs stay quick, and what they show is known
     "crossover": {"dtypes": ["fp16"], "shapes": ["llama-3-8b.q_proj", "llama-3.2-1b.q_proj"]},
@@ -133,46 +133,46 @@ def test_parameters_are_typed_and_explained(name):
         assert param["inferred_type_name"] != "None" and param["help"], f"{name}: {param['name']} lacks a type or help"
     notebook = nbformat.read(path, as_version=4)
     tagged = [i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])]
-    assert len(tagged) == 1 and "nbp.check(globals())" in notebook.cells[tagged[0] + 1].source
+    assert len(tagged) == 1 and "nbio.check(globals())" in notebook.cells[tagged[0] + 1].source
     code = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
     assert not re.search(r"^\s*(def|class) |lambda", code, re.M)  # notebooks call the package, nothing more
 
 
 def test_the_default_data_with_no_dataset_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(nbp, "REPO", tmp_path)
+    monkeypatch.setattr(nbio, "REPO", tmp_path)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(dataset.DatasetError, match=r"no dataset matches 'data/\*.parquet'.*`q4lab sweep`.*data=PATH"):
-        nbp.load("data/*.parquet")
+        nbio.load("data/*.parquet")
     with pytest.raises(dataset.DatasetError, match="no dataset given: name at least one"):
-        nbp.load([])
+        nbio.load([])
 
 
 def test_relative_data_is_also_found_from_the_repository_root(synthetic, tmp_path, monkeypatch):
     frame, path = synthetic
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "x.parquet").write_bytes(path.read_bytes())
-    monkeypatch.setattr(nbp, "REPO", tmp_path)
+    monkeypatch.setattr(nbio, "REPO", tmp_path)
     monkeypatch.chdir(tmp_path / "data")  # as a notebook opened in JupyterLab: cwd is a subfolder
-    assert nbp.load("data/*.parquet").height == frame.height
+    assert nbio.load("data/*.parquet").height == frame.height
 
 
 def test_parameter_checks_in_process():
     ok = {"__annotations__": {"data": str | list, "z": float, "n": int, "live": bool, "dtypes": list[str]},
           "data": ["a.parquet"], "z": 3, "n": 2, "live": False, "dtypes": ("fp16",),
           "In": ["", "# Parameters\nz = 3\n"]}
-    assert nbp.check(ok)["z"] == 3
+    assert nbio.check(ok)["z"] == 3
     for name, value in [("n", True), ("live", 1), ("dtypes", "fp16"), ("dtypes", [1]), ("data", 3), ("z", "3")]:
-        with pytest.raises(nbp.ParameterError, match=f"parameter '{name}'"):
-            nbp.check({**ok, name: value})
-    with pytest.raises(nbp.ParameterError, match=r"unknown parameter\(s\) \['bogus'\]"):
-        nbp.check({**ok, "In": ["", "# Parameters\nbogus = 1\n"]})
+        with pytest.raises(nbio.ParameterError, match=f"parameter '{name}'"):
+            nbio.check({**ok, name: value})
+    with pytest.raises(nbio.ParameterError, match=r"unknown parameter\(s\) \['bogus'\]"):
+        nbio.check({**ok, "In": ["", "# Parameters\nbogus = 1\n"]})
 
 
 def test_live_on_a_gpu_measures_through_the_sweep(monkeypatch):
     import q4lab.sweep
 
     calls = []
-    monkeypatch.setattr(nbp, "gpu_missing_reason", lambda: None)
+    monkeypatch.setattr(nbio, "gpu_missing_reason", lambda: None)
     monkeypatch.setattr(q4lab.sweep, "run_nsweep", lambda **kw: calls.append(kw) or "measured")
     args = {"K": 4096, "ms": [1], "n_start": 1024, "n_stop": 2048, "n_step": 64, "impls": ["simt"]}
-    assert nbp.load_or_measure("unused.parquet", True, "nsweep", **args) == "measured" and calls == [args]
+    assert nbio.load_or_measure("unused.parquet", True, "nsweep", **args) == "measured" and calls == [args]

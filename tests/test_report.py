@@ -53,7 +53,7 @@ def test_every_notebook_has_a_report_and_the_failure_is_named(built):
         assert result.html == out / f"{name}.html" and result.html.is_file()
         assert (result.error is None) == (name != "n_resonance"), (name, result.error)
     error = results["n_resonance"].error
-    assert re.match(r"cell \d+ \(In \[\d+\]: frame = nbp.load_or_measure\(.*\): ValueError: no rows with .*'K': 1234", error)
+    assert re.match(r"cell \d+ \(In \[\d+\]: frame = nbio.load_or_measure\(.*\): ValueError: no rows with .*'K': 1234", error)
     assert any("n_resonance: FAILED at cell" in line for line in lines)
     assert any(line.startswith("  crossover: ok in") for line in lines)
     assert "Synthetic data" in (out / "index.html").read_text()
@@ -66,7 +66,7 @@ def test_reports_have_their_plots_once_offline_and_no_code(built):
         page = results[name].html.read_text()
         assert _network_references(page) == [], name
         if name != "n_resonance":  # (the failed one shows its traceback, code included)
-            assert "nbp.check(globals())" not in page and "load_or_measure(" not in page  # no input cells
+            assert "nbio.check(globals())" not in page and "load_or_measure(" not in page  # no input cells
             assert page.count(plotly_js) == 1 and page.count("Plotly.newPlot") >= 1, name
     assert "interactive widget" in results["shape_probe"].html.read_text()
     failed = results["n_resonance"].html.read_text()

@@ -1,5 +1,6 @@
-"""What every workbench notebook does before its analysis: check its papermill parameters, and get its data
-(read a dataset, or measure live on this machine's GPU).
+"""What every workbench notebook does around its analysis: check its papermill parameters, get its data
+(read a dataset, or measure live on this machine's GPU), and show tables, figures and findings the way
+the exported report needs them.
 
 A notebook's parameters cell annotates every parameter with its type, one a line, and nothing else:
 
@@ -7,7 +8,7 @@ A notebook's parameters cell annotates every parameter with its type, one a line
     live: bool = False  # measure on this machine's GPU instead of reading data
 
 (papermill reads `name: type = default  # help` for `--help-notebook`; a help text must not contain "=").
-The next cell, which runs after the one papermill injects, calls `nbp.check(globals())`: a name papermill
+The next cell, which runs after the one papermill injects, calls `nbio.check(globals())`: a name papermill
 injected that the notebook does not declare, or a value of the wrong type, fails the run with a message
 naming it (papermill itself only warns about unknown names and never checks types).
 """
@@ -159,7 +160,7 @@ def use_report_display() -> None:
 
 
 def show_findings(lines: list[str]) -> None:
-    """Headline sentences (`q4lab.report.headline_*`) as a list that wraps in the notebook and the report."""
+    """Headline sentences (`q4lab.headlines`) as a list that wraps in the notebook and the report."""
     from IPython.display import HTML, display
 
     display(HTML("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"))

@@ -1,0 +1,72 @@
+"""The headline findings as sentences, one list per question: analysis frames in, strings out. The report
+index and the notebooks print the same ones."""
+from __future__ import annotations
+
+import polars as pl
+
+from q4lab import analysis
+
+
+def _config(row: dict) -> str:
+    return f"{row['device']} · {row['dtype']} · {row['quant_type']}"
+
+
+def crossovers(summary: pl.DataFrame) -> list[str]:
+    lines = []
+    for row in summary.iter_rows(named=True):
+        rule = (f"a dispatcher would use {row['impl_a']} for M ≤ {row['threshold_m']}" if row["threshold_m"]
+                else f"a dispatcher would never use {row['impl_a']}")
+        lines.append(f"{_config(row)}: {row['impl_a']} beats {row['impl_b']} up to M* = {row['median_label']} "
+                     f"(median over {row['n_shapes']} shapes, interquartile range {row['iqr_label']}); {rule} "
+                     f"({row['threshold_slowdown']:.3f}× the time of always picking the faster one)")
+    return lines
+
+
+def camping(floors: pl.DataFrame) -> list[str]:
+    lines = []
+    for key, g in floors.group_by("device", "dtype", "quant_type", maintain_order=True):
+        outliers, waves = g.filter(pl.col("label") == "camping"), g.filter(pl.col("label") == "wave_tail")
+        found = ", ".join(f"{r['shape']} ({r['floor_us']:.3g} µs flat to M={r['m_floor']}, "
+                          f"{r['excess_ratio']:.1f}× the model)" for r in outliers.iter_rows(named=True))
+        line = f"{_config(dict(zip(('device', 'dtype', 'quant_type'), key)))}: {outliers.height} camping outlier(s) " \
+               f"of {g.height} shapes{': ' + found if found else ''}"
+        if waves.height:
+            line += f"; {waves.height} wave tail(s), explained by the launch geometry: {', '.join(waves['shape'])}"
+        lines.append(line)
+    return lines
+
+
+def resonance(families: pl.DataFrame) -> list[str]:
+    best = analysis.strongest_family(families)
+    lines = []
+    for key, g in families.group_by("device", "dtype", "quant_type", "K", "M", maintain_order=True):
+        where = f"{key[0]} · {key[1]} · {key[2]} (K={key[3]}, M={key[4]})"
+        top = best.filter(*(pl.col(c) == v for c, v in zip(("device", "dtype", "quant_type", "K", "M"), key)))
+        if top.is_empty():
+            lines.append(f"{where}: no resonance family (fewer than 2 flagged N share one)")
+            continue
+        r = top.row(0, named=True)
+        lines.append(f"{where}: strongest family {r['family']}: {r['n_flagged']} of its {r['n_in_family']} N "
+                     f"flagged, {r['flagged_share']:.0%} of all flagged N against a base rate of "
+                     f"{r['base_share']:.1%} (enrichment {r['enrichment']:.1f}×)")
+    return lines
+
+
+def by_question(frame: pl.DataFrame, summary: pl.DataFrame | None = None) -> dict[str, list[str]]:
+    """Each question's headline sentences; a question the data cannot answer says why instead.
+    `summary`: analysis.crossover_summary(frame) when the caller has it already."""
+    questions = {
+        "Crossovers (simt vs dequant_blas)": lambda: crossovers(
+            analysis.crossover_summary(frame) if summary is None else summary),
+        "Camping outliers": lambda: camping(analysis.camping_floors(frame)),
+        "N-resonance": lambda: resonance(analysis.resonance(frame)[1]),
+    }
+    found = {}
+    for title, answer in questions.items():
+        try:
+            found[title] = answer()
+        except ValueError as err:
+            found[title] = [f"not in this data: {err}"]
+    unstable = analysis.needs_remeasurement(frame).height
+    found["Needs re-measurement"] = [f"{unstable} unstable row(s), never flagged above" if unstable else "none"]
+    return found
