@@ -6,7 +6,7 @@ import re
 import polars as pl
 import pytest
 
-from q4lab import analysis, dataset, report
+from q4lab import analysis, dataset, headlines
 from q4lab.synthetic import synthetic_dataset
 
 
@@ -73,7 +73,7 @@ def test_no_analysis_and_no_headline_answers_from_bad_times(good, values):
     for analyse in (analysis.crossovers, analysis.crossover_summary, analysis.camping_floors):
         with pytest.raises(dataset.DatasetError, match="finite and positive"):
             analyse(bad)
-    found = report.headlines(bad)
+    found = headlines.by_question(bad)
     assert all(line.startswith("not in this data: ") for title in ("Crossovers (simt vs dequant_blas)",
                "Camping outliers", "N-resonance") for line in found[title])
     assert "beats" not in str(found) and not re.search(r"\bnan\b", str(found))
