@@ -233,7 +233,8 @@ def camping_floors(df: pl.DataFrame, impl: str = "simt", z_threshold: float = 3.
       (see `wave_slowdown`; null for an arch without known geometry) and the z-score once t(1) is
       compared with that wave-aware model instead.
     - `label`: `"wave_tail"` when an outlier (z > z_threshold) stops being one under the wave model,
-      else `"camping"` when an outlier is flat up to m_floor >= 2, else `"normal"`. Shapes whose deciding
+      else `"camping"` when an outlier is flat up to m_floor >= 2, else `"slow_not_flat"` (an outlier
+      whose time already rises from M=1: slow, but not a floor), else `"normal"`. Shapes whose deciding
       rows (M=1 to the first M that breaks the flat run) are unstable are never labelled: `stable` is
       False and they belong in `needs_remeasurement`.
     """
@@ -273,7 +274,8 @@ def camping_floors(df: pl.DataFrame, impl: str = "simt", z_threshold: float = 3.
             z_wave[i] = _robust_z(g["log_ratio_wave"][i], reference, mad_floor)
         outlier = (z > z_threshold) & g["stable"].to_numpy()
         label = np.where(outlier & (z_wave <= z_threshold) & g["wave_slowdown"].is_not_null().to_numpy(),
-                         "wave_tail", np.where(outlier & (g["m_floor"].to_numpy() >= 2), "camping", "normal"))
+                         "wave_tail", np.where(outlier & (g["m_floor"].to_numpy() >= 2), "camping",
+                                               np.where(outlier, "slow_not_flat", "normal")))
         out.append(g.with_columns(pl.Series("z", z), pl.Series("z_wave", z_wave), pl.Series("label", label)))
     return pl.concat(out).select(list(FLOOR_SCHEMA)).cast(FLOOR_SCHEMA)
 

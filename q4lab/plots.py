@@ -22,7 +22,7 @@ from q4lab.analysis import GRID_SWEEPS
 
 IMPL_COLORS = {"simt": "#d62728", "gemv": "#9467bd", "dequant_blas": "#1f77b4", "dense": "#7f7f7f",
                "bnb": "#2ca02c", "reference": "#000000"}
-LABEL_COLORS = {"camping": "#d62728", "wave_tail": "#ff7f0e", "normal": "#9e9e9e"}
+LABEL_COLORS = {"camping": "#d62728", "slow_not_flat": "#8c564b", "wave_tail": "#ff7f0e", "normal": "#9e9e9e"}
 FAMILY_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 DASHES = ("solid", "dot", "dash", "dashdot")
 
@@ -66,10 +66,10 @@ ROW_HOVER = {"device": "device", "shape": "shape", "impl": "impl", "dtype": "dty
              "gbps": "achieved [GB/s]", "bytes": "bytes", "spread": "spread between rounds",
              "stable": "stable"}
 
-
-def _one_config(df: pl.DataFrame, what: str) -> pl.DataFrame:
-    """Plots draw one quant config (devices and dtypes are faceted); refuse a mix rather than overlay it."""
-    mixed = [c for c in ("quant_type", "blocksize", "nested", "cold") if df[c].n_unique() > 1]
+def _one_config(df: pl.DataFrame, what: str, unfaceted=("quant_type", "blocksize", "nested", "cold")) -> pl.DataFrame:
+    """A figure facets devices (and, where it says so, dtypes); refuse a mix of anything else rather
+    than overlay it."""
+    mixed = [c for c in unfaceted if df[c].n_unique() > 1]
     if mixed:
         options = {c: sorted(df[c].unique().to_list()) for c in mixed}
         raise ValueError(f"{what}: the data mixes {options}; select one first, e.g. "
@@ -87,17 +87,40 @@ def _devices(df: pl.DataFrame) -> list[str]:
     return sorted(df["device"].unique().to_list())
 
 
-def _log_axes(fig: go.Figure, x_title: str, y_title: str, x_log=True, y_log=True):
-    fig.update_xaxes(type="log" if x_log else "linear", title_text=x_title)
-    fig.update_yaxes(type="log" if y_log else "linear", title_text=y_title)
+def _shapes_by_size(df: pl.DataFrame) -> list[str]:
+    return df.select("shape", "N", "K").unique().sort("N", "K", "shape")["shape"].to_list()
 
 
-def _impl_trace(rows: pl.DataFrame, impl: str, dash: str, name: str, show_legend: bool) -> go.Scatter:
+# ---------------------------------------------------------------------------------------------------------
+# Log axes labelled at 1-2-5 with whole numbers ("2", "5" alone at every decade read as noise)
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """1-2-5 ticks from the largest at or below `lo` to the smallest at or above `hi`, so that every value
+    in [lo, hi] lies inside the labelled range."""
+    if not 0 < lo <= hi:
+        raise ValueError(f"log ticks need 0 < lo <= hi, got {lo}, {hi}")
+    steps = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+             for m in (1, 2, 5)]
+    first = max(t for t in steps if t <= lo * (1 + 1e-9))
+    last = min(t for t in steps if t >= hi * (1 - 1e-9))
+    return [t for t in steps if first <= t <= last]
+
+
+def _log_axis(values, title: str) -> dict:
+    """A log axis (layout properties) whose labelled 1-2-5 ticks span `values`."""
+    finite = [float(v) for v in values if v is not None and np.isfinite(v) and v > 0]
+    if not finite:
+        return {"type": "log", "title_text": title}
+    ticks = log_ticks(min(finite), max(finite))
+    return {"type": "log", "title_text": title, "tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks],
+            "range": [math.log10(ticks[0]), math.log10(ticks[-1])]}
+
+
+def _impl_trace(rows: pl.DataFrame, impl: str, dash: str, name: str, show_legend: bool, visible=True) -> go.Scatter:
     rows = rows.sort("M")
     return go.Scatter(x=rows["M"], y=rows["time_us"], mode="lines+markers", name=name, legendgroup=name,
-                      showlegend=show_legend, line={"color": IMPL_COLORS.get(impl), "dash": dash},
+                      showlegend=show_legend, visible=visible, line={"color": IMPL_COLORS.get(impl, "#333333"), "dash": dash},
                       error_y={"type": "data", "symmetric": False, "array": rows["time_us_hi"] - rows["time_us"],
-                               "arrayminus": rows["time_us"] - rows["time_us_lo"], "thickness": 1, "width": 2},
+                               "arrayminus": rows["time_us"] - rows["time_us_lo"], "thickness": 1.5, "width": 4},
                       **_hover(rows, ROW_HOVER))
 
 
@@ -112,56 +135,77 @@ def shape_curves(df: pl.DataFrame, title: str = "", impls=None) -> go.Figure:
             part = rows.filter(pl.col("device") == device, pl.col("impl") == impl)
             if part.height:
                 fig.add_trace(_impl_trace(part, impl, DASHES[d % len(DASHES)], f"{impl} · {device}", True))
-    _log_axes(fig, "batch size M", "time [µs]")
+    fig.update_xaxes(**_log_axis(rows["M"], "batch size M"))
+    fig.update_yaxes(**_log_axis([*rows["time_us_lo"], *rows["time_us_hi"]], "time [µs]"))
     # the legend goes under the plot: beside it, "impl · device" names took ~40% of the prober's width
     fig.update_layout(title=title, height=500, legend={"font": {"size": 10}, "orientation": "h", "y": -0.2})
     return fig
 
 
-def shape_grid(df: pl.DataFrame, dtype: str = "fp16", impls=None, shapes=None,
-               crossovers: pl.DataFrame | None = None) -> go.Figure:
-    """Small multiples: a row per shape, a column per device; time vs M (log-log), a line per impl; the
-    crossover from `analysis.crossovers` (if given) marked as a dotted vertical line."""
-    rows = df.filter(pl.col("sweep").is_in(GRID_SWEEPS), pl.col("dtype") == dtype)
-    if shapes:
-        rows = rows.filter(pl.col("shape").is_in(list(shapes)))
+def _crossover_window(cell: pl.DataFrame, marks: pl.DataFrame) -> pl.DataFrame:
+    """The cell's rows from M*/8 to 8 M* (around every finite M* of `marks`): where the impls cross, not
+    the M=2048 end that sets the whole curve's range. All rows when no M* is finite."""
+    found = marks["crossover_m"].drop_nulls()
+    if found.is_empty():
+        return cell
+    return cell.filter(pl.col("M").is_between(found.min() / 8, found.max() * 8))
+
+
+def shape_selector(df: pl.DataFrame, crossovers: pl.DataFrame | None = None, impls=None) -> go.Figure:
+    """Time vs M (log-log) of one dtype, a line per impl and a panel per device, one shape at a time: a
+    menu picks the shape, and each is zoomed to its crossover region (M*/8 to 8 M*) with the crossovers
+    from `analysis.crossovers` (if given, against any baselines) marked as dotted vertical lines."""
+    rows = df.filter(pl.col("sweep").is_in(GRID_SWEEPS))
     if impls:
         rows = rows.filter(pl.col("impl").is_in(list(impls)))
-    rows = _one_config(_nonempty(rows, "shape grid", f"no grid rows for dtype {dtype!r} and shapes {shapes}"), "shape grid")
-    shape_names = (rows.select("shape", "N", "K").unique().sort("N", "K", "shape")["shape"].to_list())
-    devices = _devices(rows)
-    fig = make_subplots(rows=len(shape_names), cols=len(devices), shared_xaxes=True,
-                        vertical_spacing=min(0.08, 0.5 / len(shape_names)), horizontal_spacing=0.06,
-                        subplot_titles=[f"{s} · {d}" for s in shape_names for d in devices])
-    legend = set()
-    for r, shape in enumerate(shape_names, start=1):
+    rows = _one_config(_nonempty(rows, "shape selector", "no grid rows for these impls"), "shape selector",
+                       ("dtype", "quant_type", "blocksize", "nested", "cold"))
+    dtype, devices, shapes = rows["dtype"][0], _devices(rows), _shapes_by_size(rows)
+    marks = (crossovers.filter(pl.col("dtype") == dtype, pl.col("quant_type") == rows["quant_type"][0])
+             if crossovers is not None else None)
+    fig = make_subplots(rows=1, cols=len(devices), subplot_titles=devices, horizontal_spacing=0.08)
+    owners, views = [], []  # the shape index of every trace; each shape's axis ranges
+    for i, shape in enumerate(shapes):
+        view = {}
         for c, device in enumerate(devices, start=1):
             cell = rows.filter(pl.col("shape") == shape, pl.col("device") == device)
+            if cell.is_empty():
+                continue
             for impl in sorted(cell["impl"].unique().to_list()):
-                fig.add_trace(_impl_trace(cell.filter(pl.col("impl") == impl), impl, "solid", impl, impl not in legend),
-                              row=r, col=c)
-                legend.add(impl)
-            if crossovers is not None:
-                _mark_crossover(fig, crossovers, device, dtype, shape, r, c, cell)
-    _log_axes(fig, "", "time [µs]")
-    fig.update_xaxes(title_text="batch size M", row=len(shape_names))
-    fig.update_annotations(font_size=11)
-    fig.update_layout(height=max(350, 230 * len(shape_names)), title=f"time vs batch size per shape ({dtype})")
+                fig.add_trace(_impl_trace(cell.filter(pl.col("impl") == impl), impl, "solid", impl, c == 1, i == 0),
+                              row=1, col=c)
+                owners.append(i)
+            cell_marks = (marks.filter(pl.col("device") == device, pl.col("shape") == shape)
+                          if marks is not None else pl.DataFrame(schema={"crossover_m": pl.Float64}))
+            window = _crossover_window(cell, cell_marks)
+            for mark in cell_marks.filter(pl.col("crossover_m").is_not_null()).iter_rows(named=True):
+                fig.add_trace(_crossover_mark(mark, window, i == 0), row=1, col=c)
+                owners.append(i)
+            suffix = "" if c == 1 else str(c)
+            for axis, spec in (("xaxis", _log_axis(window["M"], "batch size M")),
+                               ("yaxis", _log_axis([*window["time_us_lo"], *window["time_us_hi"]], "time [µs]"))):
+                view.update({f"{axis}{suffix}.{k}": v for k, v in spec.items() if k != "title_text"})
+                fig.layout[f"{axis}{suffix}"].update(title_text=spec["title_text"], type="log")
+        views.append(view)
+    title = f"time vs batch size, one shape at a time ({dtype}; pick the shape in the menu)"
+    sizes = {shape: (n, k) for shape, n, k in rows.select("shape", "N", "K").unique().rows()}
+    buttons = [{"label": f"{shape} (N={sizes[shape][0]}, K={sizes[shape][1]})", "method": "update",
+                "args": [{"visible": [o == i for o in owners]}, views[i]]} for i, shape in enumerate(shapes)]
+    fig.update_layout(views[0])
+    fig.update_layout(title={"text": title, "y": 0.97}, height=560, margin={"t": 130},
+                      updatemenus=[{"buttons": buttons, "direction": "down", "x": 0, "xanchor": "left",
+                                    "y": 1.13, "yanchor": "bottom", "showactive": True}])
     return fig
 
 
-def _mark_crossover(fig, crossovers, device, dtype, shape, row, col, cell: pl.DataFrame):
-    """A dotted vertical line at M* across the cell's time range (a trace: shapes and annotations on log
+def _crossover_mark(mark: dict, window: pl.DataFrame, visible: bool) -> go.Scatter:
+    """A dotted vertical line at M* across the window's time range (a trace: shapes and annotations on log
     axes want log10 coordinates, traces take data)."""
-    hit = crossovers.filter(pl.col("device") == device, pl.col("dtype") == dtype, pl.col("shape") == shape,
-                            pl.col("crossover_m").is_not_null())
-    if hit.height and cell.height:
-        m, label = hit["crossover_m"][0], f"M* = {hit['crossover_label'][0]}"
-        fig.add_trace(go.Scatter(x=[m, m], y=[cell["time_us"].min(), cell["time_us"].max()], mode="lines+text",
-                                 text=["", label], textposition="top right", textfont={"size": 10},
-                                 line={"dash": "dot", "color": "black", "width": 1}, showlegend=False,
-                                 hovertemplate=f"{hit['impl_a'][0]} vs {hit['impl_b'][0]}: {label}<extra></extra>"),
-                      row=row, col=col)
+    m, label = mark["crossover_m"], f"M* vs {mark['impl_b']} = {mark['crossover_label']}"
+    return go.Scatter(x=[m, m], y=[window["time_us"].min(), window["time_us"].max()], mode="lines+text",
+                      text=["", label], textposition="top right", textfont={"size": 10}, visible=visible,
+                      line={"dash": "dot", "color": IMPL_COLORS.get(mark["impl_b"], "black"), "width": 1},
+                      showlegend=False, hovertemplate=f"{mark['impl_a']} vs {label}<extra></extra>")
 
 
 def crossover_median(df: pl.DataFrame, ref_impl: str = "dequant_blas", impls=None) -> go.Figure:
@@ -202,41 +246,52 @@ def crossover_median(df: pl.DataFrame, ref_impl: str = "dequant_blas", impls=Non
                                                    "q75": "75th pct", "shapes": "shapes"})), row=r, col=c)
                 legend.add(impl)
             fig.add_hline(y=1, line={"dash": "dot", "color": "black", "width": 1}, row=r, col=c)
-    _log_axes(fig, "batch size M", f"time / time({ref_impl})")
+    fig.update_xaxes(**_log_axis(stats["M"], "batch size M"))
+    fig.update_yaxes(**_log_axis([*stats["q25"], *stats["q75"], 1.0], f"time / time({ref_impl})"))
     fig.update_layout(height=max(380, 330 * len(dtypes)),
                       title=f"median over shapes (band: interquartile range), relative to {ref_impl}")
     return fig
 
 
 def crossover_heatmap(crossovers: pl.DataFrame) -> go.Figure:
-    """Crossover M* per shape (rows) and dtype (columns), a panel per device; colour is log2 M*,
-    censored cells sit at the edge of the scale and read "> M_max" / "< M_min"."""
+    """Crossover M* per shape (rows) and dtype (columns; one column per dtype and baseline when there are
+    several baselines), a panel per device. The colour scale spans the finite M* found (log scale);
+    censored cells sit at its ends and read "> M_max" / "< M_min". Column labels sit at the top."""
     _nonempty(crossovers, "crossover heatmap", "no crossovers")
-    devices = _devices(crossovers)
-    shapes = crossovers.select("shape", "N", "K").unique().sort("N", "K", "shape")["shape"].to_list()
-    dtypes = sorted(crossovers["dtype"].unique().to_list())
-    m_min, m_max = crossovers["m_min_measured"].min(), crossovers["m_max_measured"].max()
-    ticks = [2 ** k for k in range(int(math.log2(m_min)), int(math.log2(m_max)) + 1)]
+    devices, shapes = _devices(crossovers), _shapes_by_size(crossovers)
+    keys = crossovers.select("impl_b", "quant_type", "dtype").unique().sort("impl_b", "quant_type", "dtype").rows()
+    several_b, several_q = len({k[0] for k in keys}) > 1, len({k[1] for k in keys}) > 1
+    columns = ["<br>".join([dtype, *([quant] if several_q else []), *([f"vs {b}"] if several_b else [])])
+               for b, quant, dtype in keys]
+    finite = crossovers["crossover_m"].drop_nulls()
+    lo, hi = ((finite.min(), finite.max()) if finite.len() else
+              (crossovers["m_min_measured"].min(), crossovers["m_max_measured"].max()))
+    lo, hi = (lo / 2, hi * 2) if lo == hi else (lo, hi)
+    ticks = [t for t in log_ticks(lo, hi) if lo <= t <= hi] or [lo, hi]
     fig = make_subplots(rows=1, cols=len(devices), shared_yaxes=True, subplot_titles=devices)
     for c, device in enumerate(devices, start=1):
-        z = np.full((len(shapes), len(dtypes)), np.nan)
-        text = np.full((len(shapes), len(dtypes)), "", dtype=object)
+        z = np.full((len(shapes), len(keys)), np.nan)
+        text = np.full((len(shapes), len(keys)), "", dtype=object)
+        info = np.full((len(shapes), len(keys)), "", dtype=object)
         for row in crossovers.filter(pl.col("device") == device).iter_rows(named=True):
-            i, j = shapes.index(row["shape"]), dtypes.index(row["dtype"])
-            value = {"right": 2 * row["m_max_measured"], "left": row["m_min_measured"] / 2}.get(row["censored"], row["crossover_m"])
+            i, j = shapes.index(row["shape"]), keys.index((row["impl_b"], row["quant_type"], row["dtype"]))
+            value = {"right": hi, "left": lo}.get(row["censored"], row["crossover_m"])
             z[i, j], text[i, j] = math.log2(value), row["crossover_label"]
-        fig.add_trace(go.Heatmap(z=z, x=dtypes, y=shapes, text=text, texttemplate="%{text}",
-                                 zmin=math.log2(m_min / 2), zmax=math.log2(2 * m_max), colorscale="Viridis",
+            info[i, j] = (f"N={row['N']}, K={row['K']}<br>vs {row['impl_b']}<br>crossings: {row['n_crossings']}"
+                          f"<br>stable: {row['stable']}")
+        fig.add_trace(go.Heatmap(z=z, x=columns, y=shapes, text=text, texttemplate="%{text}", customdata=info,
+                                 zmin=math.log2(lo), zmax=math.log2(hi), colorscale="Viridis",
                                  showscale=c == 1, colorbar={"title": "M*", "tickvals": np.log2(ticks),
-                                                             "ticktext": [str(t) for t in ticks]},
-                                 hovertemplate=f"{device}<br>shape %{{y}}<br>dtype %{{x}}<br>"
-                                               "crossover M* = %{text}<extra></extra>"),
+                                                             "ticktext": [f"{t:g}" for t in ticks]},
+                                 hovertemplate=f"{device}<br>shape %{{y}}<br>%{{x}}<br>"
+                                               "crossover M* = %{text}<br>%{customdata}<extra></extra>"),
                       row=1, col=c)
-    impl_a, impl_b = crossovers["impl_a"][0], crossovers["impl_b"][0]
-    fig.update_xaxes(title_text="activation dtype")
-    fig.update_layout(height=max(350, 28 * len(shapes) + 160),
-                      title=f"batch size M* up to which {impl_a} beats {impl_b}, per shape "
-                            "(> M: still winning at the largest M measured)")
+    fig.update_xaxes(side="top")
+    fig.update_yaxes(autorange="reversed")  # the smallest shapes on top, as in the per-shape table
+    fig.update_annotations(yshift=40)  # device names above the column labels
+    fig.update_layout(height=max(350, 24 * len(shapes) + 220), margin={"t": 170},
+                      title=f"batch size M* up to which {crossovers['impl_a'][0]} beats the baseline, per shape "
+                            "(colour: log M*; '>' and '<': censored at the largest / smallest M measured)")
     return fig
 
 
@@ -257,7 +312,8 @@ def crossover_summary_chart(summary: pl.DataFrame) -> go.Figure:
                      "arrayminus": [(v - q) if q is not None else 0 for q, v in zip(s["q25_m"], y)]},
             **_hover(s, {"device": "device", "dtype": "dtype", "median_label": "median M*", "iqr_label": "IQR",
                          "n_shapes": "shapes", "threshold_m": "dispatch threshold M"})))
-    fig.update_yaxes(type="log", title_text="median crossover M* (over shapes)")
+    bounds = [*summary["q25_m"], *summary["q75_m"], *summary["median_lo"], *summary["median_hi"]]
+    fig.update_yaxes(**_log_axis(bounds, "median crossover M* (over shapes)"))
     fig.update_layout(title=f"{summary['impl_a'][0]} vs {summary['impl_b'][0]}: median crossover, interquartile range",
                       height=380, scattermode="group")
     return fig
@@ -292,26 +348,29 @@ def camping_scatter(floors: pl.DataFrame, dtype: str | None = None) -> go.Figure
                                              "symbol": ["circle" if s else "circle-open" for s in part["stable"]]},
                                      **_hover(part, hover)), row=1, col=c)
             legend.add(label)
-    _log_axes(fig, "bytes moved at M=1", "time at M=1 [µs]")
-    fig.update_layout(height=480, title="latency floors: time at M=1 against the bandwidth model"
-                                        " (open markers: unstable, needs re-measurement)")
+    fig.update_xaxes(**_log_axis(rows["bytes"], "bytes moved at M=1"))
+    fig.update_yaxes(**_log_axis([*rows["t1_us"], *rows["model_us"]], "time at M=1 [µs]"))
+    fig.update_layout(height=480, title=f"latency floors ({', '.join(sorted(rows['dtype'].unique()))}): time at M=1 "
+                                        "against the bandwidth model (open markers: unstable, needs re-measurement)")
     return fig
 
 
 def resonance_plot(per_n: pl.DataFrame) -> go.Figure:
-    """Achieved bandwidth vs N (a row per device), the smooth trend, flagged N coloured by family,
-    unstable N as open grey markers. Input: the first frame of `analysis.resonance`."""
+    """Achieved bandwidth vs N, a row per sweep (device, dtype, K, M), the smooth trend, flagged N coloured
+    by family, unstable N as open grey markers. Input: the first frame of `analysis.resonance`."""
     _nonempty(per_n, "resonance plot", "no N-sweep rows")
-    devices = _devices(per_n)
-    fig = make_subplots(rows=len(devices), cols=1, shared_xaxes=True, subplot_titles=devices,
-                        vertical_spacing=0.12 if len(devices) > 1 else 0.1)
+    sweeps = per_n.select("device", "dtype", "quant_type", "K", "M").unique().sort("device", "dtype", "quant_type", "K", "M").rows()
+    several_q = per_n["quant_type"].n_unique() > 1
+    titles = [f"{d} · {t}{' · ' + q if several_q else ''} · K={k}, M={m}" for d, t, q, k, m in sweeps]
+    fig = make_subplots(rows=len(sweeps), cols=1, shared_xaxes=True, subplot_titles=titles,
+                        vertical_spacing=min(0.1, 0.4 / len(sweeps)))
     families = sorted(per_n.filter("flagged")["family"].drop_nulls().unique().to_list())
     hover = {"N": "N", "K": "K", "M": "M", "time_us": "time [µs]", "gbps": "achieved [GB/s]",
              "trend_gbps": "trend [GB/s]", "residual": "residual vs trend", "pow2_factor": "largest 2^k factor",
              "family": "family", "stable": "stable"}
     legend = set()
-    for r, device in enumerate(devices, start=1):
-        d = per_n.filter(pl.col("device") == device).sort("N")
+    for r, key in enumerate(sweeps, start=1):
+        d = per_n.filter(*(pl.col(c) == v for c, v in zip(("device", "dtype", "quant_type", "K", "M"), key))).sort("N")
         fig.add_trace(go.Scatter(x=d["N"], y=d["trend_gbps"], mode="lines", name="trend", legendgroup="trend",
                                  showlegend=r == 1, line={"color": "black", "width": 1},
                                  hoverinfo="skip"), row=r, col=1)
@@ -326,10 +385,39 @@ def resonance_plot(per_n: pl.DataFrame) -> go.Figure:
                                          showlegend=name not in legend, marker=marker, **_hover(part, hover)),
                               row=r, col=1)
                 legend.add(name)
-    _log_axes(fig, "", "achieved bandwidth [GB/s]", x_log=False, y_log=False)
-    fig.update_xaxes(title_text="output features N", row=len(devices))
-    k, m = per_n["K"].unique().to_list(), per_n["M"].unique().to_list()
-    fig.update_layout(height=320 * len(devices) + 80, title=f"N-sweep at K={k}, M={m}: bandwidth vs N, flagged N by family")
+        fig.update_yaxes(title_text="achieved bandwidth [GB/s]", row=r, col=1)
+    fig.update_xaxes(title_text="output features N", row=len(sweeps))
+    fig.update_layout(height=300 * len(sweeps) + 100, title="N-sweeps: bandwidth vs N, flagged N by family")
+    return fig
+
+
+def device_ratio(comparison: pl.DataFrame) -> go.Figure:
+    """Time on device B over time on device A per shape (rows) and M (columns), a panel per dtype; from
+    `tables.device_comparison`. Colour: log2 of the ratio, blue where B is faster, red where slower, the
+    scale symmetric about 1 and fitted to the data."""
+    _nonempty(comparison, "device ratio", "no shape and M measured on both devices")
+    dtypes, shapes = sorted(comparison["dtype"].unique().to_list()), _shapes_by_size(comparison)
+    ms = sorted(comparison["M"].unique().to_list())
+    reach = max(float(np.abs(np.log2(comparison["ratio"].to_numpy())).max()), 0.05)
+    ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10) if abs(math.log2(t)) <= reach] or [1]
+    fig = make_subplots(rows=1, cols=len(dtypes), shared_yaxes=True, subplot_titles=dtypes)
+    for c, dtype in enumerate(dtypes, start=1):
+        part = comparison.filter(pl.col("dtype") == dtype)
+        ratio = np.full((len(shapes), len(ms)), np.nan)
+        for row in part.iter_rows(named=True):
+            ratio[shapes.index(row["shape"]), ms.index(row["M"])] = row["ratio"]
+        fig.add_trace(go.Heatmap(z=np.log2(ratio), x=[str(m) for m in ms], y=shapes, text=np.round(ratio, 2),
+                                 texttemplate="%{text}", zmid=0, zmin=-reach, zmax=reach, colorscale="RdBu_r",
+                                 showscale=c == 1, colorbar={"title": "B / A", "tickvals": np.log2(ticks),
+                                                             "ticktext": [f"{t:g}" for t in ticks]},
+                                 hovertemplate="shape %{y}<br>M = %{x}<br>time B / A = %{text}<extra></extra>"),
+                      row=1, col=c)
+    device_a, device_b = comparison["device_a"][0], comparison["device_b"][0]
+    fig.update_xaxes(title_text="batch size M", type="category", side="top")
+    fig.update_yaxes(autorange="reversed")
+    fig.update_annotations(yshift=40)
+    fig.update_layout(height=max(350, 24 * len(shapes) + 220), margin={"t": 170},
+                      title=f"{comparison['impl'][0]}: time on B = {device_b} over A = {device_a}")
     return fig
 
 

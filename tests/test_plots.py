@@ -1,11 +1,12 @@
 """Figures: devices side by side, units on axes, row numbers in hovers, planted effects visible."""
+import math
 import re
 
 import plotly.graph_objects as go
 import polars as pl
 import pytest
 
-from q4lab import analysis, plots
+from q4lab import analysis, plots, tables
 from q4lab.synthetic import (DEVICES, PLANTED_FLOORS, PLANTED_UNSTABLE, PLANTED_WAVE_TAILS, SHAPES,
                              synthetic_dataset)
 
@@ -25,25 +26,41 @@ def _axis_titles(fig: go.Figure) -> set[str]:
     return {fig.layout[k].title.text for k in fig.layout if k.startswith(("xaxis", "yaxis")) and fig.layout[k].title.text}
 
 
-def test_shape_grid_puts_devices_side_by_side_and_marks_crossovers(df):
-    crossovers = analysis.crossovers(df)
-    fig = plots.shape_grid(df, dtype="fp16", shapes=["llama-3-8b.q_proj", "llama-3-8b.kv_proj"], crossovers=crossovers)
-    assert _titles(fig) == [f"{s} · {d}" for s in ("llama-3-8b.kv_proj", "llama-3-8b.q_proj") for d in NAMES]
-    marks = [t for t in fig.data if t.mode == "lines+text"]
-    assert sorted(t.text[1] for t in marks) == ["M* = 18", "M* = 24", "M* = 72", "M* = 96"]
-    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
-    assert {"batch size M", "time [µs]"} <= _axis_titles(fig)
-    simt = next(t for t in fig.data if t.name == "simt")
-    assert "time [µs]: %{customdata[7]:.4g}" in simt.hovertemplate and "N: %{customdata[4]}" in simt.hovertemplate
-    assert len(simt.customdata) == 8 and simt.customdata[0][6] == 1  # the row's own M
+def test_shape_selector_shows_one_shape_at_a_time_zoomed_to_its_crossovers(df):
+    crossovers = tables.all_crossovers(df, "simt", ["dequant_blas", "dense"])
+    fig = plots.shape_selector(df.filter(pl.col("dtype") == "fp16"), crossovers=crossovers)
+    assert _titles(fig) == NAMES and fig.layout.height <= 600
+    (menu,) = fig.layout.updatemenus
+    labels = [b.label for b in menu.buttons]
+    assert len(labels) == len(SHAPES) and labels[0] == "llama-3.2-1b.kv_proj (N=512, K=2048)"
+    q_proj = menu.buttons[labels.index("llama-3-8b.q_proj (N=4096, K=4096)")]
+    visible, view = q_proj.args
+    shown = [t for t, v in zip(fig.data, visible["visible"]) if v]
+    marks = sorted(t.text[1] for t in shown if t.mode == "lines+text")
+    assert marks == ["M* vs dense = 3.02", "M* vs dense = 4.81", "M* vs dequant_blas = 18", "M* vs dequant_blas = 24"]
+    assert {t.name for t in shown if t.mode == "lines+markers"} == {"simt", "gemv", "dense", "dequant_blas", "bnb"}
+    assert view["xaxis.ticktext"] == ["1", "2", "5", "10", "20", "50", "100", "200"]  # labelled at 1-2-5
+    assert set(view) >= {"yaxis.range", "yaxis2.range", "xaxis2.tickvals"}
+    # zoomed to M*/8 .. 8 M*: against dequant_blas alone (M* 18 and 24) the M < 18/8 rows drop out
+    alone = plots.shape_selector(df.filter(pl.col("dtype") == "fp16", pl.col("shape") == "llama-3-8b.q_proj"),
+                                 crossovers=crossovers.filter(pl.col("impl_b") == "dequant_blas"))
+    assert alone.layout.updatemenus[0].buttons[0].args[1]["xaxis.range"][0] == pytest.approx(math.log10(2))
+    simt = next(t for t in shown if t.name == "simt")
+    assert "time [µs]: %{customdata[7]:.4g}" in simt.hovertemplate and simt.error_y.thickness >= 1.5
 
 
-def test_shape_grid_refuses_mixed_quant_types_and_empty_selections(df):
-    mixed = pl.concat([df, df.with_columns(pl.lit("fp4").alias("quant_type"))])
-    with pytest.raises(ValueError, match=r"mixes \{'quant_type': \['fp4', 'nf4'\]\}; select one first"):
-        plots.shape_grid(mixed)
-    with pytest.raises(ValueError, match="nothing to plot"):
-        plots.shape_grid(df, dtype="fp32")
+def test_shape_selector_refuses_mixed_dtypes_and_quant_types(df):
+    with pytest.raises(ValueError, match=r"mixes \{'dtype': \['bf16', 'fp16'\]\}; select one first"):
+        plots.shape_selector(df)
+    mixed = pl.concat([df, df.with_columns(pl.lit("fp4").alias("quant_type"))]).filter(pl.col("dtype") == "fp16")
+    with pytest.raises(ValueError, match=r"mixes \{'quant_type': \['fp4', 'nf4'\]\}"):
+        plots.shape_selector(mixed)
+
+
+@pytest.mark.parametrize("lo, hi, ticks", [(13.2, 49.3, [10, 20, 50]), (1, 2048, [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]),
+                                           (0.3, 0.9, [0.2, 0.5, 1]), (20, 20, [20])])
+def test_log_ticks_are_1_2_5_and_hold_the_values(lo, hi, ticks):
+    assert plots.log_ticks(lo, hi) == pytest.approx(ticks)
 
 
 def test_crossover_median_has_a_band_and_a_median_per_impl(df):
@@ -55,11 +72,22 @@ def test_crossover_median_has_a_band_and_a_median_per_impl(df):
     assert _titles(fig) == [f"{d} · {t}" for t in ("bf16", "fp16") for d in NAMES]
 
 
-def test_crossover_heatmap_labels_censored_cells(df):
-    fig = plots.crossover_heatmap(analysis.crossovers(df))
+def test_crossover_heatmap_labels_censored_cells_and_fits_its_colours_to_the_data(df):
+    crossovers = analysis.crossovers(df)
+    fig = plots.crossover_heatmap(crossovers)
     assert len(fig.data) == 2 and _titles(fig) == NAMES
     texts = {t for trace in fig.data for row in trace.text for t in row}
     assert {"> 128", "< 1", "24", "6.75"} <= texts  # right- and left-censored cells, planted M*
+    finite = crossovers["crossover_m"].drop_nulls()
+    heat = fig.data[0]
+    assert (2 ** heat.zmin, 2 ** heat.zmax) == pytest.approx((finite.min(), finite.max()))
+    assert fig.layout.xaxis.side == "top" and list(heat.x) == ["bf16", "fp16"]
+    assert heat.y[0] == "llama-3.2-1b.kv_proj" and fig.layout.yaxis.autorange == "reversed"  # smallest first
+
+
+def test_crossover_heatmap_has_a_column_per_dtype_and_baseline(df):
+    fig = plots.crossover_heatmap(tables.all_crossovers(df, "simt", ["dequant_blas", "dense"]))
+    assert list(fig.data[0].x) == ["bf16<br>vs dense", "fp16<br>vs dense", "bf16<br>vs dequant_blas", "fp16<br>vs dequant_blas"]
 
 
 def test_crossover_summary_chart_draws_censored_medians_open():
@@ -75,7 +103,7 @@ def test_camping_scatter_labels_exactly_the_outliers(df):
     fig = plots.camping_scatter(floors, "fp16")
     labelled = {(trace.name, text) for trace in fig.data if trace.text is not None for text in trace.text}
     expected = {("camping", shape) for key, shape in PLANTED_FLOORS if (key, shape) not in PLANTED_UNSTABLE}
-    expected |= {("wave_tail", s) for _, s in PLANTED_WAVE_TAILS}
+    expected |= {("wave_tail", s) for _, s in PLANTED_WAVE_TAILS} | {("slow_not_flat", "llama-3-70b.down_proj")}
     assert labelled == expected
     model = [t for t in fig.data if t.name == "bandwidth model"]
     assert len(model) == 2 and all(t.mode == "lines" for t in model)
@@ -94,6 +122,17 @@ def test_resonance_plot_colours_flagged_n_by_family(df):
     assert unstable == [5120, 7168]
     assert {"achieved bandwidth [GB/s]", "output features N"} <= _axis_titles(fig)
     assert "residual vs trend" in next(t for t in fig.data if t.name == "flagged: mult_2048").hovertemplate
+    assert _titles(fig) == [f"{d} · fp16 · K=4096, M=1" for d in NAMES] and "[" not in fig.layout.title.text
+
+
+def test_device_ratio_shows_b_over_a_on_a_scale_fitted_to_the_data(df):
+    a, b = tables.device_pair(df)
+    comparison = tables.device_comparison(df, "simt", a, b)
+    fig = plots.device_ratio(comparison)
+    assert _titles(fig) == ["bf16", "fp16"] and f"B = {b} over A = {a}" in fig.layout.title.text
+    heat = fig.data[0]
+    assert heat.zmid == 0 and heat.zmax == pytest.approx(-heat.zmin)
+    assert heat.zmax == pytest.approx(max(abs(math.log2(r)) for r in comparison["ratio"]))
 
 
 def test_shape_curves_draw_an_impl_per_line_with_the_legend_under_the_plot(df):
