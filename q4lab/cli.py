@@ -1,5 +1,5 @@
-"""`q4lab info | build | sweep | dispatch | report`: each command's options and work live in the module that owns it
-(`kernels`, `sweep_cli`, `dispatch`, `report`); this file only wires them to argparse."""
+"""`q4lab info | build | shapes | sweep | dispatch | report`: each command's options and work live in the
+module that owns it (`kernels`, `shapes`, `sweep_cli`, `dispatch`, `report`); this file only wires them to argparse."""
 from __future__ import annotations
 
 import argparse
@@ -10,15 +10,31 @@ import sys
 COMMANDS = {
     "info": ("q4lab.kernels", "torch, vendor, GPU, compilers and where kernels are built"),
     "build": ("q4lab.kernels", "build the kernel library for this (or a named) GPU arch"),
+    "shapes": ("q4lab.shapes", "list the canonical shapes (name, family, N, K, model)"),
     "sweep": ("q4lab.sweep_cli", "measure M grids and N sweeps into a raw log and a parquet dataset"),
     "dispatch": ("q4lab.dispatch", "fit the rule impl='auto' follows to datasets (q4lab dispatch fit DATA --out RULE.json)"),
     "report": ("q4lab.report", "run every notebook through papermill into reports/index.html"),
 }
 
+DESCRIPTION = ("q4lab: fused 4-bit (NF4/FP4) dequantize+GEMM kernels at LLM-inference batch sizes. Measure "
+               "on a GPU, then read crossovers, latency floors and N-resonance in reports/index.html.")
+EXAMPLES = """examples:
+  q4lab report                                   every notebook on data/*.parquet -> reports/index.html
+  q4lab report --data runs/mygpu.parquet         the same pages for your own GPU's dataset
+  q4lab report -p crossover.dtypes=fp32 -p n_resonance.K=8192
+                                                 narrow one notebook (NOTEBOOK.NAME=VALUE; NAME=VALUE: all)
+  q4lab shapes                                   the canonical shapes a sweep can take
+  q4lab sweep grid --shapes all --dtypes fp16,bf16 --out runs/mygpu.parquet
+  q4lab sweep nsweep --k 4096 --m 1,8 --out runs/mygpu_nsweep.parquet
+  q4lab info                                     torch, GPU, compilers; what this machine can do
+
+q4lab COMMAND --help explains each command's options."""
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="q4lab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="q4lab", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)

@@ -181,3 +181,20 @@ def nsweep_shape(N: int, K: int) -> Shape:
     if N <= 0 or K <= 0:
         raise ValueError(f"N and K must be positive, got N={N}, K={K}")
     return Shape(f"n{N}_k{K}", "", "", N, K, "nsweep", "N sweep")
+
+
+# ---------------------------------------------------------------------------------------------------------
+def add_shapes_arguments(parser) -> None:
+    parser.add_argument("select", nargs="*", default=["all"], metavar="SHAPE_OR_FAMILY",
+                        help=f"shape names or families to list (default: all; families: {', '.join(FAMILIES)})")
+
+
+def shapes_command(args) -> int:
+    """Print the selected canonical shapes, one a line: what `--shapes` of `q4lab sweep grid` and a
+    notebook's `shapes` take."""
+    picked = select(args.select)
+    width = max(len(s.name) for s in picked)
+    print(f"{'shape':<{width}}  {'family':<9} {'N':>7} {'K':>6}  model")
+    for s in picked:
+        print(f"{s.name:<{width}}  {s.family:<9} {s.N:>7} {s.K:>6}  {s.model}")
+    return 0
