@@ -13,21 +13,25 @@ sees half a page.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import difflib
 import html
 import os
 import sys
 import threading
 import time
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 import polars as pl
+import yaml
 
 from q4lab import analysis, dataset, headlines, plots, writer_lock
-from q4lab.notebook_io import REPO, describe, gpu_missing_reason, resolve
+from q4lab.notebook_io import REPO, _matches, _type_name, describe, gpu_missing_reason, resolve
 
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = ("crossover", "camping_outliers", "n_resonance", "shape_probe")
@@ -178,10 +182,12 @@ def write_index(out_dir: Path, results: list[NotebookResult], frame: pl.DataFram
 
 
 def build_reports(out_dir="reports", data=DEFAULT_DATA, notebooks=NOTEBOOKS, parameters: dict | None = None,
-                  kernel_name: str = "python3", timeout: int = 600, jobs: int = 4, log=print) -> list[NotebookResult]:
+                  kernel_name: str = "python3", timeout: int = 600, jobs: int = 4, log=print,
+                  progress_s: float = 15) -> list[NotebookResult]:
     """Run `notebooks` (names in notebooks/) on `data` with per-notebook `parameters`
     ({name: {param: value}}), `jobs` at a time, export each to out_dir/{name}.html, then write
-    out_dir/index.html. Most of a run is kernel start-up, so jobs beyond the core count still help."""
+    out_dir/index.html; `log` says when each starts and ends, and every `progress_s` seconds which are
+    still running. Most of a run is kernel start-up, so jobs beyond the core count still help."""
     unknown = sorted(set(parameters or {}) - set(notebooks))
     if unknown:
         raise ValueError(f"parameters for notebooks {unknown} that are not being run; running {list(notebooks)}")
@@ -197,18 +203,36 @@ def build_reports(out_dir="reports", data=DEFAULT_DATA, notebooks=NOTEBOOKS, par
             raise ReportError(f"--out {out}: cannot write reports there ({err.strerror or err}: {err.filename}); "
                               f"give a folder you can write to") from err
         log(f"running {len(notebooks)} notebook(s) on {len(data_files)} dataset(s), {jobs} at a time", flush=True)
-        printing = threading.Lock()
+        printing, running, finished = threading.Lock(), {}, threading.Event()
 
         def run(name: str) -> NotebookResult:
-            params = {"data": [str(p) for p in data_files], **(parameters or {}).get(name, {})}
+            # tables go beside the page, as CSV and parquet, where the notebook writes them
+            exports = {"export_dir": str(out.resolve())} if "export_dir" in declared_parameters(name) else {}
+            params = {"data": [str(p) for p in data_files], **exports, **(parameters or {}).get(name, {})}
+            with printing:
+                running[name] = time.perf_counter()
+                log(f"  {name}: running", flush=True)
             result = run_notebook(name, out, params, kernel_name, timeout)
             with printing:
+                running.pop(name)
                 log(f"  {name}: " + (f"FAILED at {result.error}" if result.error else f"ok in {result.seconds:.1f} s")
                     + f" -> {result.html}", flush=True)
             return result
 
-        with kernel_environment(), ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            results = list(pool.map(run, notebooks))
+        def heartbeat():  # a notebook can take a minute: say which are still running, and for how long
+            while not finished.wait(progress_s):
+                with printing:
+                    now = time.perf_counter()
+                    if running:
+                        log("  still running: " + ", ".join(f"{n} ({now - t:.0f} s)" for n, t in running.items()),
+                            flush=True)
+
+        threading.Thread(target=heartbeat, daemon=True).start()
+        try:
+            with kernel_environment(), ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+                results = list(pool.map(run, notebooks))
+        finally:
+            finished.set()
         index = write_index(out, results, frame, data_files)
     log(f"index: {index}", flush=True)
     return results
@@ -224,6 +248,63 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# ---------------------------------------------------------------------------------------------------------
+# -p NOTEBOOK.NAME=VALUE: parameters checked against each notebook's parameters cell before anything runs
+_ANNOTATION_NAMES = {"Union": typing.Union, "list": list, "str": str, "int": int, "float": float, "bool": bool}
+
+
+def declared_parameters(name: str) -> dict[str, tuple[object, object]]:
+    """{parameter: (type annotation, default)} of notebooks/{name}.ipynb, read from its parameters cell."""
+    import nbformat
+
+    notebook = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+    cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    return {node.target.id: (eval(compile(ast.Expression(node.annotation), name, "eval"), dict(_ANNOTATION_NAMES)),
+                             ast.literal_eval(node.value))
+            for node in ast.parse(cell.source).body if isinstance(node, ast.AnnAssign)}
+
+
+def _yaml(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("\n...\n").strip()
+
+
+def parse_parameters(specs: list[str], notebooks: tuple[str, ...]) -> dict[str, dict]:
+    """{notebook: {name: value}} from `-p` specs "NOTEBOOK.NAME=VALUE" (that notebook) or "NAME=VALUE"
+    (every notebook that takes NAME). VALUE is YAML (`[fp16, bf16]`, `8192`, `true`); a single value
+    for a list parameter is a list of one. Names and types are checked as the notebooks check them."""
+    declared = {name: declared_parameters(name) for name in notebooks}
+    found: dict[str, dict] = {name: {} for name in notebooks}
+    for spec in specs:
+        target, sep, text = spec.partition("=")
+        notebook, dot, param = target.rpartition(".")
+        if not sep or not param:
+            raise ValueError(f"-p {spec!r}: write NOTEBOOK.NAME=VALUE or NAME=VALUE, e.g. -p 'crossover.dtypes=[fp32]'")
+        if dot and notebook not in declared:
+            close = difflib.get_close_matches(notebook, declared, n=1)
+            raise ValueError(f"-p {spec!r}: no notebook {notebook!r} in this run"
+                             f"{f' (did you mean {close[0]!r}?)' if close else ''}; running {list(notebooks)}")
+        takers = [notebook] if dot else [n for n in notebooks if param in declared[n]]
+        if not takers or param not in declared[takers[0]]:
+            names = sorted({p for n in ([notebook] if dot else notebooks) for p in declared[n]})
+            close = difflib.get_close_matches(param, names, n=1)
+            who = f"notebook {notebook!r} takes no" if dot else "no notebook takes a"
+            raise ValueError(f"-p {spec!r}: {who} parameter {param!r}"
+                             f"{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                             f"parameters: {names}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"-p {spec!r}: VALUE is not YAML ({err.problem})") from None
+        for name in takers:
+            annotation, default = declared[name][param]
+            fitted = [value] if isinstance(default, list) and not isinstance(value, list) else value
+            if not _matches(fitted, annotation):
+                raise ValueError(f"-p {spec!r}: {name}.{param} must be {_type_name(annotation)}, got {value!r}; "
+                                 f"write it as YAML, e.g. -p '{name}.{param}={_yaml(default)}'")
+            found[name][param] = fitted
+    return {name: params for name, params in found.items() if params}
+
+
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", default=[DEFAULT_DATA],
                         help=f"dataset(s): parquet paths or globs (default {DEFAULT_DATA!r})")
@@ -233,6 +314,10 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=_positive_int, default=600,
                         help="seconds a notebook cell may take (default 600)")
     parser.add_argument("--jobs", type=_positive_int, default=4, help="notebooks run at a time (default 4; 1 when live)")
+    parser.add_argument("-p", "--parameter", action="append", default=[], metavar="[NOTEBOOK.]NAME=VALUE",
+                        dest="parameters", help="a notebook parameter, VALUE in YAML: -p crossover.dtypes=fp32 "
+                        "(that notebook), -p 'dtypes=[fp16, bf16]' (every notebook that takes it); repeatable; "
+                        "`papermill --help-notebook notebooks/NAME.ipynb` lists a notebook's parameters")
     parser.add_argument("--live", choices=("auto", "yes", "no"), default="auto",
                         help="notebooks measure on this machine's GPU instead of reading the data (auto: when "
                              "torch sees a GPU); the index's headlines still come from --data")
@@ -246,9 +331,12 @@ def live_parameters(live: str, notebooks: tuple[str, ...]) -> dict | None:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    parameters = live_parameters(args.live, tuple(args.only))
+    parameters = parse_parameters(args.parameters, tuple(args.only))
+    live = live_parameters(args.live, tuple(args.only))
+    for name, flag in (live or {}).items():
+        parameters[name] = {**flag, **parameters.get(name, {})}
     # live notebooks share one GPU: running them side by side would time each other
-    jobs = 1 if parameters else args.jobs
+    jobs = 1 if live else args.jobs
     results = build_reports(args.out, args.data, tuple(args.only), parameters, timeout=args.timeout, jobs=jobs)
     failed = [r for r in results if r.error]
     for r in failed:
