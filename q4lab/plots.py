@@ -8,6 +8,7 @@ plotly.js embedded once (no CDN), plus plotly's own mime type for JupyterLab.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -18,6 +19,7 @@ from plotly.io._base_renderers import MimetypeRenderer, PlotlyRenderer
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from q4lab import analysis
 from q4lab.analysis import GRID_SWEEPS
 
 IMPL_COLORS = {"simt": "#d62728", "gemv": "#9467bd", "dequant_blas": "#1f77b4", "dense": "#7f7f7f",
@@ -152,49 +154,50 @@ def _crossover_window(cell: pl.DataFrame, marks: pl.DataFrame) -> pl.DataFrame:
 
 
 def shape_selector(df: pl.DataFrame, crossovers: pl.DataFrame | None = None, impls=None) -> go.Figure:
-    """Time vs M (log-log) of one dtype, a line per impl and a panel per device, one shape at a time: a
-    menu picks the shape, and each is zoomed to its crossover region (M*/8 to 8 M*) with the crossovers
-    from `analysis.crossovers` (if given, against any baselines) marked as dotted vertical lines."""
+    """Time vs M (log-log), a line per impl, a row of panels per dtype and a column per device, one shape
+    at a time: a menu picks the shape, each panel zoomed to its crossover region (M*/8 to 8 M*), the
+    crossovers from `analysis.crossovers` (if given, against any baselines) marked as dotted lines."""
     rows = df.filter(pl.col("sweep").is_in(GRID_SWEEPS))
     if impls:
         rows = rows.filter(pl.col("impl").is_in(list(impls)))
-    rows = _one_config(_nonempty(rows, "shape selector", "no grid rows for these impls"), "shape selector",
-                       ("dtype", "quant_type", "blocksize", "nested", "cold"))
-    dtype, devices, shapes = rows["dtype"][0], _devices(rows), _shapes_by_size(rows)
-    marks = (crossovers.filter(pl.col("dtype") == dtype, pl.col("quant_type") == rows["quant_type"][0])
-             if crossovers is not None else None)
-    fig = make_subplots(rows=1, cols=len(devices), subplot_titles=devices, horizontal_spacing=0.08)
+    rows = _one_config(_nonempty(rows, "shape selector", "no grid rows for these impls"), "shape selector")
+    dtypes, devices, shapes = sorted(rows["dtype"].unique().to_list()), _devices(rows), _shapes_by_size(rows)
+    marks = crossovers if crossovers is not None else pl.DataFrame(schema=analysis.CROSSOVER_SCHEMA)
+    fig = make_subplots(rows=len(dtypes), cols=len(devices), horizontal_spacing=0.08, vertical_spacing=0.12,
+                        subplot_titles=[f"{d} · {t}" for t in dtypes for d in devices])
     owners, views = [], []  # the shape index of every trace; each shape's axis ranges
     for i, shape in enumerate(shapes):
         view = {}
-        for c, device in enumerate(devices, start=1):
-            cell = rows.filter(pl.col("shape") == shape, pl.col("device") == device)
+        for (r, dtype), (c, device) in itertools.product(enumerate(dtypes, 1), enumerate(devices, 1)):
+            cell = rows.filter(pl.col("shape") == shape, pl.col("device") == device, pl.col("dtype") == dtype)
             if cell.is_empty():
                 continue
             for impl in sorted(cell["impl"].unique().to_list()):
-                fig.add_trace(_impl_trace(cell.filter(pl.col("impl") == impl), impl, "solid", impl, c == 1, i == 0),
-                              row=1, col=c)
+                first = r == 1 and c == 1
+                fig.add_trace(_impl_trace(cell.filter(pl.col("impl") == impl), impl, "solid", impl, first, i == 0),
+                              row=r, col=c)
                 owners.append(i)
-            cell_marks = (marks.filter(pl.col("device") == device, pl.col("shape") == shape)
-                          if marks is not None else pl.DataFrame(schema={"crossover_m": pl.Float64}))
+            cell_marks = marks.filter(pl.col("device") == device, pl.col("dtype") == dtype, pl.col("shape") == shape,
+                                      pl.col("quant_type") == cell["quant_type"][0])
             window = _crossover_window(cell, cell_marks)
             for mark in cell_marks.filter(pl.col("crossover_m").is_not_null()).iter_rows(named=True):
-                fig.add_trace(_crossover_mark(mark, window, i == 0), row=1, col=c)
+                fig.add_trace(_crossover_mark(mark, window, i == 0), row=r, col=c)
                 owners.append(i)
-            suffix = "" if c == 1 else str(c)
+            suffix = "" if (r, c) == (1, 1) else str((r - 1) * len(devices) + c)
             for axis, spec in (("xaxis", _log_axis(window["M"], "batch size M")),
                                ("yaxis", _log_axis([*window["time_us_lo"], *window["time_us_hi"]], "time [µs]"))):
                 view.update({f"{axis}{suffix}.{k}": v for k, v in spec.items() if k != "title_text"})
                 fig.layout[f"{axis}{suffix}"].update(title_text=spec["title_text"], type="log")
         views.append(view)
-    title = f"time vs batch size, one shape at a time ({dtype}; pick the shape in the menu)"
     sizes = {shape: (n, k) for shape, n, k in rows.select("shape", "N", "K").unique().rows()}
     buttons = [{"label": f"{shape} (N={sizes[shape][0]}, K={sizes[shape][1]})", "method": "update",
                 "args": [{"visible": [o == i for o in owners]}, views[i]]} for i, shape in enumerate(shapes)]
     fig.update_layout(views[0])
-    fig.update_layout(title={"text": title, "y": 0.97}, height=560, margin={"t": 130},
+    fig.update_layout(title={"text": "time vs batch size, one shape at a time (pick it in the menu), zoomed to "
+                                     "where the impls cross", "y": 0.98},
+                      height=300 * len(dtypes) + 160, margin={"t": 130},
                       updatemenus=[{"buttons": buttons, "direction": "down", "x": 0, "xanchor": "left",
-                                    "y": 1.13, "yanchor": "bottom", "showactive": True}])
+                                    "y": 1.0, "yanchor": "bottom", "pad": {"b": 40}, "showactive": True}])
     return fig
 
 

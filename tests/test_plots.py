@@ -29,7 +29,7 @@ def _axis_titles(fig: go.Figure) -> set[str]:
 def test_shape_selector_shows_one_shape_at_a_time_zoomed_to_its_crossovers(df):
     crossovers = tables.all_crossovers(df, "simt", ["dequant_blas", "dense"])
     fig = plots.shape_selector(df.filter(pl.col("dtype") == "fp16"), crossovers=crossovers)
-    assert _titles(fig) == NAMES and fig.layout.height <= 600
+    assert _titles(fig) == [f"{d} · fp16" for d in NAMES] and fig.layout.height <= 600
     (menu,) = fig.layout.updatemenus
     labels = [b.label for b in menu.buttons]
     assert len(labels) == len(SHAPES) and labels[0] == "llama-3.2-1b.kv_proj (N=512, K=2048)"
@@ -49,11 +49,12 @@ def test_shape_selector_shows_one_shape_at_a_time_zoomed_to_its_crossovers(df):
     assert "time [µs]: %{customdata[7]:.4g}" in simt.hovertemplate and simt.error_y.thickness >= 1.5
 
 
-def test_shape_selector_refuses_mixed_dtypes_and_quant_types(df):
-    with pytest.raises(ValueError, match=r"mixes \{'dtype': \['bf16', 'fp16'\]\}; select one first"):
-        plots.shape_selector(df)
+def test_shape_selector_has_a_row_per_dtype_and_refuses_mixed_quant_types(df):
+    fig = plots.shape_selector(df)
+    assert _titles(fig) == [f"{d} · {t}" for t in ("bf16", "fp16") for d in NAMES]
+    assert {"xaxis4.range", "yaxis4.range"} <= set(fig.layout.updatemenus[0].buttons[0].args[1])  # every panel zooms
     mixed = pl.concat([df, df.with_columns(pl.lit("fp4").alias("quant_type"))]).filter(pl.col("dtype") == "fp16")
-    with pytest.raises(ValueError, match=r"mixes \{'quant_type': \['fp4', 'nf4'\]\}"):
+    with pytest.raises(ValueError, match=r"mixes \{'quant_type': \['fp4', 'nf4'\]\}; select one first"):
         plots.shape_selector(mixed)
 
 
