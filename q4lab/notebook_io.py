@@ -15,6 +15,7 @@ naming it (papermill itself only warns about unknown names and never checks type
 from __future__ import annotations
 
 import ast
+import difflib
 import glob
 import html
 import types
@@ -133,15 +134,24 @@ def load_or_measure(data, live: bool, sweep: str = "grid", **sweep_args) -> pl.D
     return load(data)
 
 
-def select(frame: pl.DataFrame, **equal) -> pl.DataFrame:
-    """Rows whose columns equal the given values (a list or tuple value: any of them); an empty result
-    names what the data holds instead."""
-    conditions = [pl.col(c).is_in(list(v)) if isinstance(v, (list, tuple)) else pl.col(c) == v
-                  for c, v in equal.items()]
+def select(frame: pl.DataFrame, **wanted) -> pl.DataFrame:
+    """Rows whose columns hold the given values: a list or tuple means any of them, an empty one every
+    value. A value the data lacks is an error naming what it holds (and the closest value), as is a
+    combination with no rows."""
+    conditions = []
+    for column, value in wanted.items():
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        held = sorted(frame[column].unique().to_list())
+        missing = [v for v in values if v not in held]
+        if missing:
+            close = [m for v in missing for m in difflib.get_close_matches(str(v), [str(h) for h in held], n=1)]
+            raise ValueError(f"{column} {missing} not in the data{f' (did you mean {close}?)' if close else ''}; "
+                             f"it holds {held}: pick from those")
+        if values:
+            conditions.append(pl.col(column).is_in(values))
     picked = frame.filter(*conditions) if conditions else frame
     if picked.is_empty():
-        held = {c: sorted(frame[c].unique().to_list()) for c in equal}
-        raise ValueError(f"no rows with {equal}; the data holds {held}: pick from those")
+        raise ValueError(f"no rows with {wanted}: the data holds each value, but not together")
     return picked
 
 

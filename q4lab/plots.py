@@ -107,13 +107,21 @@ def log_ticks(lo: float, hi: float) -> list[float]:
     return [t for t in steps if first <= t <= last]
 
 
+def tick_label(t: float) -> str:
+    """A tick's label: 0.2, 5, 2000, then 50k, 2M, 1G (plotly's "1e+06" reads badly)."""
+    for above, scale, suffix in ((1e9, 1e9, "G"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):
+        if t >= above:
+            return f"{t / scale:g}{suffix}"
+    return f"{t:g}"
+
+
 def _log_axis(values, title: str) -> dict:
     """A log axis (layout properties) whose labelled 1-2-5 ticks span `values`."""
     finite = [float(v) for v in values if v is not None and np.isfinite(v) and v > 0]
     if not finite:
         return {"type": "log", "title_text": title}
     ticks = log_ticks(min(finite), max(finite))
-    return {"type": "log", "title_text": title, "tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks],
+    return {"type": "log", "title_text": title, "tickvals": ticks, "ticktext": [tick_label(t) for t in ticks],
             "range": [math.log10(ticks[0]), math.log10(ticks[-1])]}
 
 
@@ -180,8 +188,9 @@ def shape_selector(df: pl.DataFrame, crossovers: pl.DataFrame | None = None, imp
             cell_marks = marks.filter(pl.col("device") == device, pl.col("dtype") == dtype, pl.col("shape") == shape,
                                       pl.col("quant_type") == cell["quant_type"][0])
             window = _crossover_window(cell, cell_marks)
-            for mark in cell_marks.filter(pl.col("crossover_m").is_not_null()).iter_rows(named=True):
-                fig.add_trace(_crossover_mark(mark, window, i == 0), row=r, col=c)
+            found = cell_marks.filter(pl.col("crossover_m").is_not_null()).sort("crossover_m")
+            for nth, mark in enumerate(found.iter_rows(named=True)):
+                fig.add_trace(_crossover_mark(mark, window, i == 0, nth), row=r, col=c)
                 owners.append(i)
             suffix = "" if (r, c) == (1, 1) else str((r - 1) * len(devices) + c)
             for axis, spec in (("xaxis", _log_axis(window["M"], "batch size M")),
@@ -201,12 +210,14 @@ def shape_selector(df: pl.DataFrame, crossovers: pl.DataFrame | None = None, imp
     return fig
 
 
-def _crossover_mark(mark: dict, window: pl.DataFrame, visible: bool) -> go.Scatter:
+def _crossover_mark(mark: dict, window: pl.DataFrame, visible: bool, nth: int = 0) -> go.Scatter:
     """A dotted vertical line at M* across the window's time range (a trace: shapes and annotations on log
-    axes want log10 coordinates, traces take data)."""
+    axes want log10 coordinates, traces take data), its label `nth` steps down from the top so that the
+    labels of nearby M* do not overprint."""
     m, label = mark["crossover_m"], f"M* vs {mark['impl_b']} = {mark['crossover_label']}"
-    return go.Scatter(x=[m, m], y=[window["time_us"].min(), window["time_us"].max()], mode="lines+text",
-                      text=["", label], textposition="top right", textfont={"size": 10}, visible=visible,
+    low, high = window["time_us"].min(), window["time_us"].max()
+    return go.Scatter(x=[m, m, m], y=[low, high * (low / high) ** (0.15 * nth), high], mode="lines+text",
+                      text=["", label, ""], textposition="middle right", textfont={"size": 10}, visible=visible,
                       line={"dash": "dot", "color": IMPL_COLORS.get(mark["impl_b"], "black"), "width": 1},
                       showlegend=False, hovertemplate=f"{mark['impl_a']} vs {label}<extra></extra>")
 
@@ -251,7 +262,7 @@ def crossover_median(df: pl.DataFrame, ref_impl: str = "dequant_blas", impls=Non
             fig.add_hline(y=1, line={"dash": "dot", "color": "black", "width": 1}, row=r, col=c)
     fig.update_xaxes(**_log_axis(stats["M"], "batch size M"))
     fig.update_yaxes(**_log_axis([*stats["q25"], *stats["q75"], 1.0], f"time / time({ref_impl})"))
-    fig.update_layout(height=max(380, 330 * len(dtypes)),
+    fig.update_layout(height=max(380, 280 * len(dtypes)),
                       title=f"median over shapes (band: interquartile range), relative to {ref_impl}")
     return fig
 
@@ -289,9 +300,9 @@ def crossover_heatmap(crossovers: pl.DataFrame) -> go.Figure:
                                  hovertemplate=f"{device}<br>shape %{{y}}<br>%{{x}}<br>"
                                                "crossover M* = %{text}<br>%{customdata}<extra></extra>"),
                       row=1, col=c)
-    fig.update_xaxes(side="top")
+    fig.update_xaxes(side="top", tickangle=0)
     fig.update_yaxes(autorange="reversed")  # the smallest shapes on top, as in the per-shape table
-    fig.update_annotations(yshift=40)  # device names above the column labels
+    fig.update_annotations(yshift=45)  # device names above the column labels
     fig.update_layout(height=max(350, 24 * len(shapes) + 220), margin={"t": 170},
                       title=f"batch size M* up to which {crossovers['impl_a'][0]} beats the baseline, per shape "
                             "(colour: log M*; '>' and '<': censored at the largest / smallest M measured)")
@@ -382,6 +393,8 @@ def resonance_plot(per_n: pl.DataFrame) -> go.Figure:
                    {"color": "#616161", "size": 9, "symbol": "circle-open"})]
         groups += [(f"flagged: {f}", d.filter("flagged", pl.col("family") == f),
                     {"color": FAMILY_COLORS[i % len(FAMILY_COLORS)], "size": 9}) for i, f in enumerate(families)]
+        groups.append(("flagged: no family", d.filter("flagged", pl.col("family").is_null()),
+                       {"color": "black", "size": 9, "symbol": "x"}))
         for name, part, marker in groups:
             if part.height:
                 fig.add_trace(go.Scatter(x=part["N"], y=part["gbps"], mode="markers", name=name, legendgroup=name,

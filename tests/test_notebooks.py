@@ -12,12 +12,13 @@ from papermill.exceptions import PapermillExecutionError
 from plotly.offline import get_plotlyjs
 
 from q4lab import analysis, dataset, notebook_io as nbio, report
-from q4lab.synthetic import synthetic_dataset
+from q4lab.synthetic import NSWEEP, synthetic_dataset
 
 REPO = nbio.REPO
 NOTEBOOKS = report.NOTEBOOKS
+NARROW_SHAPES = ["llama-3-8b.q_proj", "llama-3.2-1b.q_proj"]
 SMALL = {  # small parameters: the runs stay quick, and what they show is known
-    "crossover": {"dtypes": ["fp16"], "shapes": ["llama-3-8b.q_proj", "llama-3.2-1b.q_proj"]},
+    "crossover": {"dtypes": ["fp16"], "shapes": NARROW_SHAPES},
     "camping_outliers": {"z_threshold": 3.5, "live": True},  # no GPU here: it must say so and use the data
     "n_resonance": {"n_start": 2048, "n_stop": 12288},
     "shape_probe": {"N": 14336, "impls": ["simt", "dequant_blas"]},
@@ -25,13 +26,15 @@ SMALL = {  # small parameters: the runs stay quick, and what they show is known
 BAD = {  # run name -> (notebook, parameters)
     "unknown": ("camping_outliers", {"z_treshold": 5.0}),
     "ill_typed": ("n_resonance", {"K": "4096"}),
+    "misspelt_shape": ("crossover", {"shapes": ["llama-3-8b.q_prj"]}),
 }
+DEFAULTS = {"crossover_defaults": ("crossover", {})}  # every dtype, baseline and shape the data holds
 PLOTLY_JS_HEAD = get_plotlyjs()[:200]
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    frame = synthetic_dataset()
+    frame = synthetic_dataset(nsweep={**NSWEEP, "ms": (1, 8)})  # two (K, M) sweeps
     path = tmp_path_factory.mktemp("data") / "synthetic.parquet"
     frame.write_parquet(path)
     return frame, path
@@ -42,20 +45,25 @@ def runs(synthetic, tmp_path_factory):
     """All notebook runs at once (most of a run is kernel start-up): name -> executed notebook or error."""
     _, path = synthetic
     out = tmp_path_factory.mktemp("executed")
-    jobs = {name: (name, params) for name, params in SMALL.items()} | BAD
+    jobs = {name: (name, params) for name, params in SMALL.items()} | BAD | DEFAULTS
 
     def run(job):
         name, (notebook, params) = job
         try:
             papermill.execute_notebook(str(REPO / "notebooks" / f"{notebook}.ipynb"), str(out / f"{name}.ipynb"),
-                                       parameters={"data": str(path), **params}, kernel_name="python3",
+                                       parameters={"data": str(path), **params, **export_to(out / name, notebook)},
+                                       kernel_name="python3",
                                        cwd=str(REPO), progress_bar=False)
         except PapermillExecutionError as err:
             return name, err
         return name, nbformat.read(out / f"{name}.ipynb", as_version=4)
 
     with report.kernel_environment(), ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        return dict(pool.map(run, jobs.items()))
+        return dict(pool.map(run, jobs.items())) | {"_out": out}
+
+
+def export_to(folder, notebook: str) -> dict:
+    return {"export_dir": str(folder)} if "export_dir" in report.declared_parameters(notebook) else {}
 
 
 def _outputs(notebook, mime: str) -> list[str]:
@@ -82,13 +90,32 @@ def test_notebook_runs_and_embeds_plotly_once(runs, name):
     assert not re.search(r"<script[^>]*src=[\"']https?:", html)
 
 
-def test_crossover_shows_the_planted_crossovers_and_the_median(runs, synthetic):
+def test_crossover_shows_the_planted_crossovers_and_the_median(runs, synthetic, tmp_path_factory):
     frame, _ = synthetic
     notebook = _ran(runs, "crossover")
     figures, html = "".join(_outputs(notebook, "application/vnd.plotly.v1+json")), "".join(_outputs(notebook, "text/html"))
-    assert '"> 128"' in figures and '"< 1"' in figures and '"M* = 24"' in figures  # heatmap cells, grid marker
-    for row in analysis.crossover_summary(frame.filter(pl.col("dtype") == "fp16")).iter_rows(named=True):
-        assert f"beats dequant_blas up to M* = {row['median_label']} (median over 18 shapes" in html
+    assert '"24"' in figures and '"M* vs dequant_blas = 24"' in figures  # heatmap cell, selector marker
+    # `shapes` narrows everything: the headline's median is over the two shapes, the menu offers those two
+    narrowed = frame.filter(pl.col("dtype") == "fp16", pl.col("shape").is_in(NARROW_SHAPES))
+    for row in analysis.crossover_summary(narrowed).iter_rows(named=True):
+        assert f"beats dequant_blas up to M* = {row['median_label']} (median over 2 shapes" in html
+    selector = next(json.loads(f) for f in _outputs(notebook, "application/vnd.plotly.v1+json") if '"updatemenus"' in f)
+    assert [b["label"].split(" ")[0] for b in selector["layout"]["updatemenus"][0]["buttons"]] == sorted(
+        NARROW_SHAPES, key=lambda s: ("3.2-1b" not in s))
+    assert "B = NVIDIA H100 80GB HBM3 (synthetic) over A = AMD Radeon RX 9070 XT (synthetic)" in figures
+    per_shape = pl.read_csv(runs["_out"] / "crossover" / "crossover_per_shape.csv")
+    assert per_shape.height == 2 * 2 and set(per_shape["shape"]) == set(NARROW_SHAPES)  # devices x shapes, fp16
+    assert 'href="crossover_per_shape.csv"' in html and 'href="crossover_pivot.parquet"' in html
+
+
+def test_crossover_defaults_cover_every_dtype_baseline_and_shape(runs, synthetic):
+    frame, _ = synthetic
+    notebook = _ran(runs, "crossover_defaults")
+    heatmap = next(json.loads(f) for f in _outputs(notebook, "application/vnd.plotly.v1+json") if '"heatmap"' in f)
+    assert heatmap["data"][0]["x"] == [f"{t}<br>vs {b}" for b in ("bnb", "dense", "dequant_blas", "gemv") for t in ("bf16", "fp16")]
+    assert len(heatmap["data"][0]["y"]) == frame.filter(pl.col("sweep") == "grid")["shape"].n_unique()
+    pivot = pl.read_csv(runs["_out"] / "crossover_defaults" / "crossover_pivot.csv")
+    assert set(pivot["baseline"]) == {"bnb", "dense", "dequant_blas", "gemv"} and {"bf16", "fp16"} <= set(pivot.columns)
 
 
 def test_camping_outliers_names_the_floors_and_the_wave_tail(runs):
@@ -98,14 +125,18 @@ def test_camping_outliers_names_the_floors_and_the_wave_tail(runs):
     html = "".join(_outputs(notebook, "text/html"))
     assert "1 camping outlier(s) of 18 shapes: llama-3.2-1b.q_proj (27 µs flat to M=8, 3.0× the model)" in html
     assert "1 wave tail(s), explained by the launch geometry: probe.narrow_wide" in html
+    floors = pl.read_csv(runs["_out"] / "camping_outliers" / "camping_floors.csv")
+    assert set(floors["dtype"]) == {"bf16", "fp16"}  # every dtype by default
+    assert set(floors.filter(pl.col("label") == "slow_not_flat")["shape"]) == {"llama-3-70b.down_proj"}
 
 
 def test_n_resonance_finds_the_planted_families_in_the_chosen_range(runs):
     notebook = _ran(runs, "n_resonance")
     html = "".join(_outputs(notebook, "text/html"))
     # N from 2048 to 12288 holds 6 multiples of 2048 (gfx1201's planted family) and 4 of 3072 (the H100's)
-    assert "strongest family mult_2048: 6 of its 6 N flagged" in html
-    assert "strongest family mult_3072: 4 of its 4 N flagged" in html
+    for m in (1, 8):  # every swept (K, M) pair by default
+        assert f"(K=4096, M={m}): strongest family mult_2048: 6 of its 6 N flagged" in html
+        assert f"(K=4096, M={m}): strongest family mult_3072: 4 of its 4 N flagged" in html
 
 
 def test_shape_probe_shows_the_widget_and_a_static_snapshot(runs):
@@ -116,12 +147,14 @@ def test_shape_probe_shows_the_widget_and_a_static_snapshot(runs):
     assert "simt · " in snapshot and "gemv · " not in snapshot
 
 
-@pytest.mark.parametrize("run, name, kind", [("unknown", "z_treshold", "unknown parameter"),
-                                             ("ill_typed", "'K'", "must be int")])
-def test_a_bad_parameter_fails_the_run_naming_it(runs, run, name, kind):
+@pytest.mark.parametrize("run, error, name, kind", [
+    ("unknown", "ParameterError", "z_treshold", "unknown parameter"),
+    ("ill_typed", "ParameterError", "'K'", "must be int"),
+    ("misspelt_shape", "ValueError", "shape ['llama-3-8b.q_prj'] not in the data", "did you mean ['llama-3-8b.q_proj']?")])
+def test_a_bad_parameter_fails_the_run_naming_it(runs, run, error, name, kind):
     err = runs[run]
     assert isinstance(err, PapermillExecutionError), f"the {run} parameter did not fail the run"
-    assert err.ename == "ParameterError" and name in err.evalue and kind in err.evalue
+    assert err.ename == error and name in err.evalue and kind in err.evalue
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -159,3 +159,15 @@ def test_a_median_known_only_as_an_interval_is_drawn_at_its_upper_bound():
            "iqr_label": "< 1 .. 8", "threshold_m": 4, "threshold_slowdown": 1.0}
     fig = plots.crossover_summary_chart(pl.DataFrame([row], schema=analysis.SUMMARY_SCHEMA))
     assert list(fig.data[0].y) == [4.5] and fig.data[0].marker.symbol == ("circle-open",)
+
+
+@pytest.mark.parametrize("value, label", [(0.2, "0.2"), (5, "5"), (2000, "2000"), (50_000, "50k"), (2e6, "2M"), (1e9, "1G")])
+def test_tick_labels_are_whole_numbers_with_si_suffixes(value, label):
+    assert plots.tick_label(value) == label
+
+
+def test_a_flagged_n_of_no_family_is_still_drawn(df):
+    per_n, _ = analysis.resonance(df)
+    lone = per_n.with_columns(pl.when(pl.col("N") == 2048).then(None).otherwise(pl.col("family")).alias("family"))
+    fig = plots.resonance_plot(lone)
+    assert [list(t.x) for t in fig.data if t.name == "flagged: no family"] == [[2048]]

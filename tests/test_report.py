@@ -24,7 +24,8 @@ def built(tmp_path_factory):
     frame.write_parquet(data)
     out = tmp_path_factory.mktemp("reports")
     lines = []
-    results = report.build_reports(out, str(data), parameters=PARAMETERS, log=lambda line, **_: lines.append(line))
+    results = report.build_reports(out, str(data), parameters=PARAMETERS, log=lambda line, **_: lines.append(line),
+                                   progress_s=2)
     return frame, out, {r.name: r for r in results}, lines
 
 
@@ -42,7 +43,8 @@ class _Sources(HTMLParser):
 def _network_references(page: str) -> list:
     parser = _Sources()
     parser.feed(page)
-    found = [(tag, url) for tag, url in parser.urls if re.match(r"(https?:)?//", url)]
+    # a link (<a href>) is only followed when clicked, e.g. itables' <noscript> credit; anything else loads
+    found = [(tag, url) for tag, url in parser.urls if tag != "a" and re.match(r"(https?:)?//", url)]
     return found + re.findall(r"@import\s+url\(\s*['\"]?https?:[^)]*\)", page)
 
 
@@ -53,9 +55,10 @@ def test_every_notebook_has_a_report_and_the_failure_is_named(built):
         assert result.html == out / f"{name}.html" and result.html.is_file()
         assert (result.error is None) == (name != "n_resonance"), (name, result.error)
     error = results["n_resonance"].error
-    assert re.match(r"cell \d+ \(In \[\d+\]: frame = nbio.load_or_measure\(.*\): ValueError: no rows with .*'K': 1234", error)
+    assert re.match(r"cell \d+ \(In \[\d+\]: frame = nbio.load_or_measure\(.*\): ValueError: K \[1234\] not in the data", error)
     assert any("n_resonance: FAILED at cell" in line for line in lines)
     assert any(line.startswith("  crossover: ok in") for line in lines)
+    assert "  crossover: running" in lines and any(line.startswith("  still running: ") for line in lines)
     assert "Synthetic data" in (out / "index.html").read_text()
 
 
@@ -70,7 +73,7 @@ def test_reports_have_their_plots_once_offline_and_no_code(built):
             assert page.count(plotly_js) == 1 and page.count("Plotly.newPlot") >= 1, name
     assert "interactive widget" in results["shape_probe"].html.read_text()
     failed = results["n_resonance"].html.read_text()
-    assert "no rows with" in failed  # the error is in the report, for the reader
+    assert "not in the data" in failed  # the error is in the report, for the reader
 
 
 def test_index_links_the_reports_and_states_the_headlines(built):
@@ -100,7 +103,8 @@ def test_report_command_exits_nonzero_when_a_notebook_failed(monkeypatch, capsys
     failed = report.NotebookResult("n_resonance", Path("n_resonance.html"), 1.0, "cell 3 (In [3]: x): ValueError: boom")
     ok = report.NotebookResult("crossover", Path("crossover.html"), 1.0)
     monkeypatch.setattr(report, "build_reports", lambda *a, **k: [ok, failed])
-    args = argparse.Namespace(out="r", data=["d"], only=list(report.NOTEBOOKS), timeout=10, jobs=1, live="no")
+    args = argparse.Namespace(out="r", data=["d"], only=list(report.NOTEBOOKS), timeout=10, jobs=1, live="no",
+                              parameters=[])
     assert report.report_command(args) == 1
     assert "n_resonance failed at cell 3 (In [3]: x): ValueError: boom" in capsys.readouterr().err
     monkeypatch.setattr(report, "build_reports", lambda *a, **k: [ok])
@@ -128,7 +132,7 @@ def test_a_real_browser_renders_the_index_and_a_report_offline(built):
             page = browser.new_page()
             page.on("request", lambda r: requests.append(r.url))
             page.on("pageerror", lambda e: errors.append(str(e)))
-            for name, plots in (("index", 1), ("crossover", 3)):
+            for name, plots in (("index", 1), ("crossover", 4)):
                 page.goto((out / f"{name}.html").as_uri())
                 page.wait_for_selector(".main-svg", timeout=30_000)
                 assert page.locator(".js-plotly-plot").count() == plots, name
@@ -158,3 +162,35 @@ def test_widget_views_become_a_note_without_their_text_fallback():
     report._replace_widget_views(nb)
     assert [o["data"] for o in nb.cells[0].outputs] == [{"text/html": report.WIDGET_NOTE},
                                                         {"text/html": "<div>snapshot</div>"}]
+
+
+def test_report_parameters_go_to_one_notebook_or_every_one_that_takes_them():
+    found = report.parse_parameters(["crossover.dtypes=fp32", "n_resonance.K=8192", "z_threshold=5",
+                                     "dtypes=[fp16, bf16]"], report.NOTEBOOKS)
+    assert found == {"crossover": {"dtypes": ["fp16", "bf16"]}, "n_resonance": {"K": 8192, "dtypes": ["fp16", "bf16"]},
+                     "camping_outliers": {"z_threshold": 5, "dtypes": ["fp16", "bf16"]}}  # the later -p wins
+    assert report.parse_parameters([], report.NOTEBOOKS) == {}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("crossover.dtype=fp32", r"notebook 'crossover' takes no parameter 'dtype' \(did you mean 'dtypes'\?\)"),
+    ("dtyeps=fp32", r"no notebook takes a parameter 'dtyeps' \(did you mean 'dtypes'\?\)"),
+    ("crosover.dtypes=fp32", r"no notebook 'crosover' in this run \(did you mean 'crossover'\?\)"),
+    ("n_resonance.K=abc", r"n_resonance.K must be int, got 'abc'; write it as YAML, e.g. -p 'n_resonance.K=\d+'"),
+    ("crossover.dtypes={a: 1}", r"crossover.dtypes must be list\[str\].*-p 'crossover.dtypes=\[.*\]'"),
+    ("K", r"write NOTEBOOK.NAME=VALUE or NAME=VALUE, e.g. -p 'crossover.dtypes=\[fp32\]'"),
+])
+def test_a_bad_report_parameter_says_what_is_accepted(spec, message):
+    with pytest.raises(ValueError, match=message):
+        report.parse_parameters([spec], report.NOTEBOOKS)
+
+
+def test_report_command_checks_parameters_before_running_anything(monkeypatch, capsys):
+    monkeypatch.setattr(report, "build_reports", lambda *a, **k: pytest.fail("ran with a bad parameter"))
+    assert cli.main(["report", "--live", "no", "-p", "crossover.dtype=fp32"]) == 2
+    assert "did you mean 'dtypes'?" in capsys.readouterr().err
+    seen = {}
+    monkeypatch.setattr(report, "build_reports", lambda *a, **k: seen.update(parameters=a[3], jobs=k["jobs"]) or [])
+    assert cli.main(["report", "--live", "yes", "-p", "crossover.dtypes=fp32", "-p", "n_resonance.K=8192"]) == 0
+    assert seen["parameters"]["crossover"] == {"live": True, "dtypes": ["fp32"]} and seen["jobs"] == 1
+    assert seen["parameters"]["n_resonance"] == {"live": True, "K": 8192}
