@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from q4lab import analysis
+from q4lab import analysis, tables
 
 
 def _config(row: dict) -> str:
@@ -32,6 +32,13 @@ def camping(floors: pl.DataFrame) -> list[str]:
                f"of {g.height} shapes{': ' + found if found else ''}"
         if waves.height:
             line += f"; {waves.height} wave tail(s), explained by the launch geometry: {', '.join(waves['shape'])}"
+        slow = g.filter(pl.col("label") == "slow_not_flat")
+        if slow.height:
+            line += f"; {slow.height} slow but not flat (rising from M=1, not a floor): " + ", ".join(
+                f"{r['shape']} ({r['t1_us'] / r['model_us']:.1f}× the model)" for r in slow.iter_rows(named=True))
+        excess = tables.model_excess(g).row(0, named=True)
+        line += (f"; over all shapes t(M=1) is {excess['median_over_model']:.2f}× the bandwidth model "
+                 f"(interquartile range {excess['q25_over_model']:.2f}-{excess['q75_over_model']:.2f}×)")
         lines.append(line)
     return lines
 

@@ -125,6 +125,7 @@ def test_camping_outliers_names_the_floors_and_the_wave_tail(runs):
     html = "".join(_outputs(notebook, "text/html"))
     assert "1 camping outlier(s) of 18 shapes: llama-3.2-1b.q_proj (27 µs flat to M=8, 3.0× the model)" in html
     assert "1 wave tail(s), explained by the launch geometry: probe.narrow_wide" in html
+    assert "1 slow but not flat (rising from M=1, not a floor): llama-3-70b.down_proj" in html
     floors = pl.read_csv(runs["_out"] / "camping_outliers" / "camping_floors.csv")
     assert set(floors["dtype"]) == {"bf16", "fp16"}  # every dtype by default
     assert set(floors.filter(pl.col("label") == "slow_not_flat")["shape"]) == {"llama-3-70b.down_proj"}

@@ -5,7 +5,7 @@ import re
 import polars as pl
 import pytest
 
-from q4lab import analysis, tables
+from q4lab import analysis, headlines, tables
 from q4lab.synthetic import DEVICES, PLANTED_CROSSOVERS, SHAPES, synthetic_dataset
 
 H100, RDNA = DEVICES["H100"]["device"], DEVICES["gfx1201"]["device"]
@@ -103,3 +103,12 @@ def test_an_empty_table_says_none(monkeypatch):
     monkeypatch.setattr("IPython.display.display", lambda *objs, **kw: shown.extend(objs))
     tables.show(pl.DataFrame(schema={"N": pl.Int64}), "Flagged N")
     assert shown[-1].data == "<p><b>Flagged N</b>: none</p>"
+
+
+def test_the_camping_headline_names_slow_shapes_and_the_overall_excess(df):
+    floors = analysis.camping_floors(df)
+    (line,) = [s for s in headlines.camping(floors) if s.startswith(f"{RDNA} · fp16")]
+    excess = tables.model_excess(floors.filter(pl.col("device") == RDNA, pl.col("dtype") == "fp16")).row(0, named=True)
+    assert "1 slow but not flat (rising from M=1, not a floor): llama-3-70b.down_proj (10.8× the model)" in line
+    assert line.endswith(f"t(M=1) is {excess['median_over_model']:.2f}× the bandwidth model (interquartile range "
+                         f"{excess['q25_over_model']:.2f}-{excess['q75_over_model']:.2f}×)")
