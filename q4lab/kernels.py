@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -43,12 +44,41 @@ def sources(kernel_dir: Path = KERNEL_DIR) -> list[Path]:
     return files
 
 
+# A string or character literal (kept whole), or a C/C++ comment (dropped)
+_LEXEME = re.compile(r'''"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|//[^\n]*|/\*.*?\*/''', re.S)
+
+
+def compiled_text(source: str) -> str:
+    """What the compiler reads of a source: comments gone, each line's whitespace collapsed, blank lines
+    dropped. Lines stay apart, since a preprocessor directive ends at its line."""
+    code = _LEXEME.sub(lambda m: " " if m[0][:2] in ("//", "/*") else m[0], source)
+    lines = (" ".join(line.split()) for line in code.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
 def source_hash(kernel_dir: Path = KERNEL_DIR) -> str:
+    """The kernels' version: a hash of what the compiler reads of every source, so an edit to comments or
+    whitespace keeps it and any other edit changes it."""
+    h = hashlib.sha256()
+    for f in sources(kernel_dir):
+        h.update(f.name.encode() + b"\0" + compiled_text(f.read_text(encoding="utf-8")).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def raw_byte_hash(kernel_dir: Path = KERNEL_DIR) -> str:
+    """The kernel hash datasets recorded before `source_hash` ignored comments: every source's raw bytes.
+    Kept only to verify those datasets against their commit's kernels/."""
     h = hashlib.sha256()
     for f in sources(kernel_dir):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def is_current(kernel_hash: str, kernel_dir: Path = KERNEL_DIR) -> bool:
+    """Whether rows recorded with `kernel_hash` were measured with the kernels in `kernel_dir` (by either
+    hash: a dataset of the raw-byte hash is current while the bytes are the same)."""
+    return kernel_hash in (source_hash(kernel_dir), raw_byte_hash(kernel_dir))
 
 
 def torch_vendor() -> str:

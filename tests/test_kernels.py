@@ -139,7 +139,7 @@ def test_another_kernel_folder_builds_apart_from_the_shipped_one(tmp_path):
     need("nvcc")
     other = tmp_path / "kernels"
     shutil.copytree(kernels.KERNEL_DIR, other)
-    (other / "q4_gemm.cu").write_text((other / "q4_gemm.cu").read_text() + "\n// an experiment\n")
+    (other / "q4_gemm.cu").write_text((other / "q4_gemm.cu").read_text() + "\nstatic int q4_an_experiment;\n")
     nvcc = kernels.find_compiler("cuda")
     cmd = kernels.compile_command("cuda", ("sm_90",), nvcc, tmp_path / "x.so", kernel_dir=other)
     assert str(other / "q4_gemm.cu") in cmd and str(kernels.KERNEL_DIR / "q4_gemm.cu") not in cmd
