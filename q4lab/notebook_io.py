@@ -178,7 +178,7 @@ def show_findings(lines: list[str]) -> None:
 
 def describe(frame: pl.DataFrame) -> pl.DataFrame:
     """Where the rows come from: one line per device run with its provenance and size."""
-    return (frame.group_by("device", "arch", "runtime", "torch_version", "git_commit", "run_id")
+    return (frame.group_by("device", "arch", "runtime", "torch_version", "kernel_hash", "git_commit", "run_id")
             .agg(pl.len().alias("rows"), pl.col("sweep").unique().sort().str.join(", ").alias("sweeps"),
                  pl.col("impl").unique().sort().str.join(", ").alias("impls"),
                  pl.col("timestamp").min().alias("first"), pl.col("timestamp").max().alias("last"))

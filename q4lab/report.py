@@ -18,6 +18,7 @@ import contextlib
 import difflib
 import html
 import os
+import re
 import sys
 import threading
 import time
@@ -30,7 +31,7 @@ import jinja2
 import polars as pl
 import yaml
 
-from q4lab import analysis, dataset, headlines, plots, writer_lock
+from q4lab import analysis, dataset, headlines, plots, provenance, writer_lock
 from q4lab.notebook_io import REPO, _matches, _type_name, describe, gpu_missing_reason, resolve
 
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -104,9 +105,9 @@ def _replace_widget_views(notebook) -> None:
 
 
 def run_notebook(name: str, out_dir: Path, parameters: dict, kernel_name: str = "python3",
-                 timeout: int = 600) -> NotebookResult:
-    """Execute notebooks/{name}.ipynb into out_dir/notebooks/ and export it to out_dir/{name}.html (call it
-    inside `kernel_environment()`)."""
+                 timeout: int = 600, header: str = "") -> NotebookResult:
+    """Execute notebooks/{name}.ipynb into out_dir/notebooks/ and export it to out_dir/{name}.html, with the
+    HTML `header` (the data's kernel versions) atop the page (call it inside `kernel_environment()`)."""
     import nbformat
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -138,13 +139,16 @@ def run_notebook(name: str, out_dir: Path, parameters: dict, kernel_name: str = 
         partial.unlink(missing_ok=True)
         executed.unlink(missing_ok=True)  # an earlier run's notebook would not match this page
         body = f"<!DOCTYPE html><html><body><h1>{name}</h1><p>did not run: {html.escape(error)}</p></body></html>"
+    body = re.sub(r"<body[^>]*>", lambda m: m[0] + header, body, count=1)
     html_path = out_dir / f"{name}.html"
     write_atomic(html_path, body)
     return NotebookResult(name, html_path, time.perf_counter() - start, error)
 
 
-def write_index(out_dir: Path, results: list[NotebookResult], frame: pl.DataFrame, data_files: list[Path]) -> Path:
-    """reports/index.html: headline findings, the data's provenance, and a link to every report."""
+def write_index(out_dir: Path, results: list[NotebookResult], frame: pl.DataFrame, data_files: list[Path],
+                header: str = "") -> Path:
+    """reports/index.html: the data's kernel versions (`header`), headline findings, the data's provenance,
+    and a link to every report."""
     try:
         crossovers = analysis.crossover_summary(frame)
         figure = plots.crossover_summary_chart(crossovers).to_html(
@@ -169,7 +173,7 @@ def write_index(out_dir: Path, results: list[NotebookResult], frame: pl.DataFram
 <html lang="en"><head><meta charset="utf-8"><title>q4lab reports</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}}
 .failed{{color:#b71c1c;font-weight:bold}} code{{background:#f3f3f3}} table{{font-size:85%}}</style></head>
-<body><h1>q4lab reports</h1>{banner}
+<body><h1>q4lab reports</h1>{banner}{header}
 <p>Fused 4-bit dequantize+GEMM kernels at inference batch sizes: crossovers, latency floors, N-resonance.</p>
 <h2>Reports</h2><ul>{links}</ul>
 {sections}
@@ -193,6 +197,7 @@ def build_reports(out_dir="reports", data=DEFAULT_DATA, notebooks=NOTEBOOKS, par
         raise ValueError(f"parameters for notebooks {unknown} that are not being run; running {list(notebooks)}")
     data_files = resolve(data)  # fail once, clearly, before any notebook starts when there is no data
     frame = dataset.load(data_files)
+    header = provenance.versions_html(provenance.version_lines(provenance.kernel_versions(data_files), REPO))
     out = Path(out_dir)
     with contextlib.ExitStack() as held:
         try:
@@ -212,7 +217,8 @@ def build_reports(out_dir="reports", data=DEFAULT_DATA, notebooks=NOTEBOOKS, par
             with printing:
                 running[name] = time.perf_counter()
                 log(f"  {name}: running", flush=True)
-            result = run_notebook(name, out, params, kernel_name, timeout)
+            # a live notebook measures today's kernels: the data's versions are not what it shows
+            result = run_notebook(name, out, params, kernel_name, timeout, "" if params.get("live") else header)
             with printing:
                 running.pop(name)
                 log(f"  {name}: " + (f"FAILED at {result.error}" if result.error else f"ok in {result.seconds:.1f} s")
@@ -233,7 +239,7 @@ def build_reports(out_dir="reports", data=DEFAULT_DATA, notebooks=NOTEBOOKS, par
                 results = list(pool.map(run, notebooks))
         finally:
             finished.set()
-        index = write_index(out, results, frame, data_files)
+        index = write_index(out, results, frame, data_files, header)
     log(f"index: {index}", flush=True)
     return results
 
