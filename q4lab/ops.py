@@ -35,9 +35,9 @@ _DTYPE_NAME = {dtype: name for name, dtype in DTYPES.items()}
 _KERNEL_IMPL = {"simt": 0, "gemv": 1}
 
 # impl="auto" where the dispatch rule has nothing for the arch: simt for M <= AUTO_SIMT_MAX_M[activation
-# dtype] rows, dequant_blas above: the thresholds analysis.crossover_summary fits to data/h100_mgrid.parquet
-# (H100, NF4/64, kernels v7; median crossovers 14.0, 13.2 and 49.3 rows; v6 on the H200 of session 4: 10.2,
-# 10.7 and 38.8, thresholds 8, 8, 32).
+# dtype] rows, dequant_blas above: the thresholds analysis.crossover_summary fits to AUTO_DATASET (H100,
+# NF4/64; median crossovers 14.0, 13.2 and 49.3 rows).
+AUTO_DATASET = "data/h100_mgrid.parquet"
 AUTO_SIMT_MAX_M = {"fp16": 12, "bf16": 12, "fp32": 48}
 _rules: dict[str, dispatch.Rule] = {}  # rule file -> rule, read once per process
 _available: dict[torch.device, dict[str, str | None]] = {}  # available_impls per device, asked once
