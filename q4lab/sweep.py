@@ -21,13 +21,14 @@ import functools
 import os
 import subprocess
 import tempfile
+import threading
 import uuid
 import warnings
 import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -77,18 +78,25 @@ class Plan:
 
 def run_grid(shapes, ms, dtypes, impls, quant_types=("nf4",), blocksize=64, nested=False, device=None,
              log=None, rounds=3, cold=True, *, tol=0.05, max_remeasure=2, sweep="grid", progress=True,
-             part=None) -> pl.DataFrame:
+             part=None, interleave_ms=True, stop=None) -> pl.DataFrame:
     """Time every (shape, M, dtype, impl, quant type). `shapes`: Shape values, or names/families/"all"
     (see q4lab.shapes.select); `impls`: names, or "all" for every impl but the reference. Returns this
     grid's measured rows in the dataset SCHEMA; `log` (a path) keeps every round and makes the sweep
-    resumable. `part=(i, n)`: only the i-th of n balanced parts of the grid."""
+    resumable. `part=(i, n)`: only the i-th of n balanced parts of the grid.
+
+    `progress`: a tqdm bar of rounds (True), none (False), or a callable `progress(step, done, total)`
+    told "measuring bandwidth and launch", then "point k of n" as points finish. `stop`: a
+    threading.Event checked before every round; once set, the sweep returns the points finished so far
+    (the log keeps the other points' rounds for the next run). `interleave_ms=False`: one M at a time
+    (its impls and dtypes interleaved) instead of the chunk's Ms together, so that points finish one M
+    after another, as a cancellable live probe wants."""
     if sweep not in ("grid", "repeat"):
         raise SweepError(f"sweep label {sweep!r}: use 'grid', or 'repeat' for a re-measurement in the same run")
     shape_list = _shape_list(shapes)
     quant_types = _names(quant_types, formats.QUANT_TYPES, "quant type")
     chunks = tuple(Chunk((s,), qt) for s in shape_list for qt in quant_types)
     plan = _plan(sweep, chunks, ms, dtypes, impls, blocksize, nested, cold)
-    return _run(plan, device, log, rounds, tol, max_remeasure, progress, part)
+    return _run(plan, device, log, rounds, tol, max_remeasure, progress, part, interleave_ms, stop)
 
 
 def run_nsweep(K, ms, n_start, n_stop, n_step, impls, dtypes=("fp16",), quant_type="nf4", blocksize=64,
@@ -218,7 +226,12 @@ def _opened_log(log):
         yield raw
 
 
-def _run(plan: Plan, device, log, rounds, tol, max_remeasure, progress, part) -> pl.DataFrame:
+class _Stopped(Exception):
+    """The sweep's stop event was set: end it, keeping every finished point."""
+
+
+def _run(plan: Plan, device, log, rounds, tol, max_remeasure, progress, part, interleave_ms=True,
+         stop=None) -> pl.DataFrame:
     device = bench.as_device(device)
     _validate(plan, rounds, tol, max_remeasure)
     chunks = plan.chunks
@@ -239,7 +252,11 @@ def _run(plan: Plan, device, log, rounds, tol, max_remeasure, progress, part) ->
                          if (nxt := plogs.setdefault(p, PointLog()).next_rounds(rounds, tol, max_attempts))})
                 for chunk in chunks]
         todo = [(chunk, points) for chunk, points in todo if points]
+        report = progress if callable(progress) else None
+        total = sum(len(points) for _, points in todo)
         if todo:  # the probes cost device time: only when something is measured
+            if report:
+                report("measuring bandwidth and launch", 0, total)
             run["device_gbps"], run["launch_us"] = bench.device_gbps(device), bench.launch_us(device)
         raw.append(run)
         for impl in plan.impls:
@@ -250,10 +267,14 @@ def _run(plan: Plan, device, log, rounds, tol, max_remeasure, progress, part) ->
         remaining = sum(len(missing) for _, points in todo for _, _, missing in points.values())
         position = part[0] if part is not None else 0
         with tqdm(total=remaining, unit="round", desc=f"{plan.sweep} on {ident['device']}", position=position,
-                  disable=not progress, dynamic_ncols=True) as bar:
-            ctx = _Context(plan, device, raw, run["run_id"], plogs, rounds, tol, max_attempts, bar)
-            for chunk, points in todo:
-                _measure_chunk(ctx, chunk, points)
+                  disable=progress is not True, dynamic_ncols=True) as bar:
+            ctx = _Context(plan, device, raw, run["run_id"], plogs, rounds, tol, max_attempts, bar, report, total,
+                           interleave_ms, stop)
+            try:
+                for chunk, points in todo:
+                    _measure_chunk(ctx, chunk, points)
+            except _Stopped:
+                pass
         wanted = {p for chunk in chunks for p in plan.points(chunk, impls)}
         return finished_rows(raw.records, wanted)
 
@@ -269,6 +290,16 @@ class _Context:
     tol: float
     max_attempts: int
     bar: tqdm
+    report: Callable[[str, int, int], None] | None
+    total: int                  # points to measure in this run
+    interleave_ms: bool
+    stop: threading.Event | None
+    done: int = 0               # of them finished (or failed their check)
+
+    def finished(self, points: int) -> None:
+        self.done += points
+        if self.report and points:
+            self.report(f"point {self.done} of {self.total}", self.done, self.total)
 
 
 def _seed(*parts) -> int:
@@ -294,7 +325,19 @@ def _measure_chunk(ctx: _Context, chunk: Chunk, todo: dict[Point, tuple[int, int
     for p in list(todo):
         if not ctx.plogs[p].checked and not ctx.plogs[p].attempts and not _check(ctx, p, calls[p], references):
             ctx.bar.total -= len(todo.pop(p)[2])
+            ctx.finished(1)
+    groups = {}  # the points interleaved together: the chunk's, or one (shape, M)'s
+    for p, nxt in todo.items():
+        groups.setdefault(None if ctx.interleave_ms else (p.shape, p.M), {})[p] = nxt
+    for group in groups.values():
+        _measure_rounds(ctx, group, calls, weights)
+    del calls, inputs, weights, references
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
+
+def _measure_rounds(ctx: _Context, todo: dict[Point, tuple[int, int, list[int]]], calls: dict, weights: dict) -> None:
+    """Interleaved rounds of `todo`'s points until each has settled or used its attempts."""
     while todo:
         planned_max = max(planned for _, planned, _ in todo.values())
         items = list(todo)
@@ -303,13 +346,13 @@ def _measure_chunk(ctx: _Context, chunk: Chunk, todo: dict[Point, tuple[int, int
             for p in items[shift:] + items[:shift]:
                 attempt, planned, missing = todo[p]
                 if r in missing and ctx.plogs[p].error is None:
+                    if ctx.stop is not None and ctx.stop.is_set():
+                        raise _Stopped
                     _measure_round(ctx, p, calls[p], weights[p.shape], attempt, r, planned)
         todo = {p: nxt for p in items if (nxt := ctx.plogs[p].next_rounds(ctx.rounds, ctx.tol, ctx.max_attempts))}
         ctx.bar.total += sum(len(missing) for _, _, missing in todo.values())
         ctx.bar.refresh()
-    del calls, inputs, weights, references
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        ctx.finished(len(items) - len(todo))
 
 
 class _References:
