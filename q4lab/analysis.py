@@ -218,6 +218,12 @@ def _robust_z(values: np.ndarray, reference: np.ndarray, mad_floor: float) -> np
     return (values - median) / (1.4826 * mad)
 
 
+def bandwidth_model_us(launch_us, bytes_, device_gbps):
+    """The bandwidth model: an empty launch plus the bytes at the card's large-read bandwidth, in µs
+    (floats, or polars expressions)."""
+    return launch_us + bytes_ / (device_gbps * 1e3)
+
+
 def camping_floors(df: pl.DataFrame, impl: str = "simt", z_threshold: float = 3.5,
                    flat_tolerance: float = 0.10, bytes_window: float = 4.0, min_peers: int = 5,
                    mad_floor: float = 0.05, sm_count: int | None = None,
@@ -252,7 +258,7 @@ def camping_floors(df: pl.DataFrame, impl: str = "simt", z_threshold: float = 3.
     for key, g in _groups(points, (*CONFIG, "shape", "family", "N", "K")):
         m, t = g["M"].to_numpy(), g["time_us"].to_numpy()
         first = g.row(0, named=True)
-        model_us = first["launch_us"] + first["bytes"] / (first["device_gbps"] * 1e3)
+        model_us = bandwidth_model_us(first["launch_us"], first["bytes"], first["device_gbps"])
         n_flat = _flat_run(t, flat_tolerance)
         slowdown = wave_slowdown(key["N"], 1, key["K"], first["arch"], sm_count, blocks_per_sm, key["dtype"])
         wave_model_us = first["launch_us"] + (model_us - first["launch_us"]) * (slowdown or 1.0)
