@@ -179,3 +179,41 @@ def test_report_plots_render_offline(page, tmp_path):
         for i in range(plots.count()):
             assert plots.nth(i).locator(".main-svg path").count() > 0, f"plot {i} of {page.url} drew nothing"
         assert requests.off_machine() == [], "requests left the machine"
+
+
+# The client coordinates of the middle row of a heatmap's first column, centred in view, and that row's shape.
+HEATMAP_CELL_JS = """plot => {
+    const trace = plot.data[0], xa = plot._fullLayout.xaxis, ya = plot._fullLayout.yaxis;
+    const shape = trace.y[Math.floor(trace.y.length / 2)];
+    plot.querySelector('.main-svg').scrollIntoView({block: 'start'});
+    const box = plot.getBoundingClientRect();
+    return {shape, x: box.left + xa._offset + xa.d2p(trace.x[0]), y: box.top + ya._offset + ya.d2p(shape)};
+}"""
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_clicking_a_crossover_heatmap_cell_opens_that_shape_in_the_prober(page, lab, tmp_path):
+    notebook = "crossover.ipynb"
+    with screenshots_on_failure(page, tmp_path, "crossover_link") as steps:
+        page.goto(f"{lab.url}/lab/tree/{notebook}?token={lab.token}")
+        page.wait_for_selector(".jp-Notebook")
+        lab.wait_for_idle_kernel(notebook)
+        run_all_cells(page, notebook, timeout_s=300)
+        # the cell that shows the linked heatmap above the prober: its output area holds the prober's N slider
+        outputs = page.locator(".jp-Cell-outputArea").filter(has=slider(page, "N"))
+        heatmap, probe_plot = outputs.locator(".js-plotly-plot").nth(0), outputs.locator(".js-plotly-plot").nth(1)
+        heatmap.scroll_into_view_if_needed()
+        heatmap.locator(".main-svg").first.wait_for()
+        status = outputs.locator(".widget-html").filter(has_text=re.compile(r"\(N=\d+, K=\d+\)")).first
+        before = status.inner_text()
+        steps.shot("linked-heatmap")
+
+        cell = heatmap.evaluate(HEATMAP_CELL_JS)
+        assert cell["shape"] not in before, f"the prober already shows {cell['shape']}: pick another row"
+        page.mouse.click(cell["x"], cell["y"])
+        expect(status).to_contain_text(f"{cell['shape']} (N=")
+        probe_plot.scroll_into_view_if_needed()
+        wait_for_drawing(probe_plot, lambda drawing: cell["shape"] in drawing,
+                         f"the prober's plot did not switch to {cell['shape']} after its heatmap cell was clicked")
+        steps.shot("clicked")
