@@ -20,7 +20,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from q4lab import analysis
-from q4lab.analysis import GRID_SWEEPS
+from q4lab.analysis import GRID_SWEEPS, bandwidth_model_us
 
 IMPL_COLORS = {"simt": "#d62728", "gemv": "#9467bd", "dequant_blas": "#1f77b4", "dense": "#7f7f7f",
                "bnb": "#2ca02c", "reference": "#000000"}
@@ -135,8 +135,9 @@ def _impl_trace(rows: pl.DataFrame, impl: str, dash: str, name: str, show_legend
 
 
 # ---------------------------------------------------------------------------------------------------------
-def shape_curves(df: pl.DataFrame, title: str = "", impls=None) -> go.Figure:
-    """Time vs M (log-log) for one shape: a line per impl, a dash per device."""
+def shape_curves(df: pl.DataFrame, title: str = "", impls=None, model: bool = False) -> go.Figure:
+    """Time vs M (log-log) for one shape: a line per impl, a dash per device; with `model`, the bandwidth
+    model per device dotted beside them (launch + the fewest bytes an impl drawn moves / bandwidth)."""
     rows = _one_config(_nonempty(df.filter(pl.col("sweep").is_in(GRID_SWEEPS)), "shape curves", "no grid rows"), "shape curves")
     impls = impls or sorted(rows["impl"].unique().to_list())
     fig = go.Figure()
@@ -145,8 +146,19 @@ def shape_curves(df: pl.DataFrame, title: str = "", impls=None) -> go.Figure:
             part = rows.filter(pl.col("device") == device, pl.col("impl") == impl)
             if part.height:
                 fig.add_trace(_impl_trace(part, impl, DASHES[d % len(DASHES)], f"{impl} · {device}", True))
+    times = [*rows["time_us_lo"], *rows["time_us_hi"]]
+    if model:
+        lines = (rows.filter(pl.col("impl").is_in(list(impls))).group_by("device", "M")
+                 .agg(pl.col("launch_us").median(), pl.col("device_gbps").median(), pl.col("bytes").min())
+                 .with_columns(bandwidth_model_us(pl.col("launch_us"), pl.col("bytes"), pl.col("device_gbps"))
+                               .alias("model_us")).sort("device", "M"))
+        for (device,), line in lines.group_by("device", maintain_order=True):
+            fig.add_trace(go.Scatter(x=line["M"], y=line["model_us"], mode="lines", name=f"bandwidth model · {device}",
+                                     line={"color": "black", "dash": "dot", "width": 1.5},
+                                     hovertemplate="model: %{y:.3g} µs at M=%{x}<extra></extra>"))
+        times += lines["model_us"].to_list()
     fig.update_xaxes(**_log_axis(rows["M"], "batch size M"))
-    fig.update_yaxes(**_log_axis([*rows["time_us_lo"], *rows["time_us_hi"]], "time [µs]"))
+    fig.update_yaxes(**_log_axis(times, "time [µs]"))
     # the legend goes under the plot: beside it, "impl · device" names took ~40% of the prober's width
     fig.update_layout(title=title, height=500, legend={"font": {"size": 10}, "orientation": "h", "y": -0.2})
     return fig

@@ -34,12 +34,11 @@ from q4lab.notebook_io import REPO, gpu_missing_reason
 ALL_DEVICES = "all devices"
 LIVE_MS = (1, 2, 4, 8, 16, 32, 64, 128)
 TITLE_CHARS = 90  # a title line wraps after about this many characters: plotly never wraps one itself
-MODEL_LINE = {"color": "black", "dash": "dot", "width": 1.5}
 
 
 class ShapeProber:
     def __init__(self, frame: pl.DataFrame | None = None, live: bool = False, N: int = 4096, K: int = 4096,
-                 dtype: str = "fp16", quant_type: str = "nf4", impls=None, blocksize: int = 64,
+                 dtype: str | None = None, quant_type: str | None = None, impls=None, blocksize: int = 64,
                  log_dir: str | Path | None = None, device=None):
         self.data = (frame if frame is not None else pl.DataFrame(schema=dataset.SCHEMA)).filter(
             pl.col("sweep").is_in(analysis.GRID_SWEEPS))
@@ -66,10 +65,8 @@ class ShapeProber:
             "K": self._size_slider("K", K),
             "M": W.SelectionRangeSlider(options=ms, index=(0, ms.index(LIVE_MS[-1]) if self.live else len(ms) - 1),
                                         description="M range", continuous_update=False),
-            "dtype": W.Dropdown(options=self._options("dtype", ("fp16", "bf16", "fp32")), value=dtype,
-                                description="dtype"),
-            "quant_type": W.Dropdown(options=self._options("quant_type", ("nf4", "fp4")), value=quant_type,
-                                     description="quant"),
+            "dtype": self._dropdown("dtype", ("fp16", "bf16", "fp32"), dtype),
+            "quant_type": self._dropdown("quant_type", ("nf4", "fp4"), quant_type),
             "device": W.Dropdown(options=[ALL_DEVICES, *sorted(frame["device"].unique().to_list())],
                                  description="device"),
             "impls": W.SelectMultiple(options=self._impl_options(), description="impls",
@@ -137,8 +134,15 @@ class ShapeProber:
                                continuous_update=False)
         return W.SelectionSlider(options=sizes, value=value, description=name, continuous_update=False)
 
-    def _options(self, column: str, live_options: tuple) -> list:
-        return sorted(set(self.frame[column].to_list()) | (set(live_options) if self.live else set()))
+    def _dropdown(self, column: str, live_options: tuple, value: str | None) -> W.Dropdown:
+        """The data's values of `column` (and on a live GPU every one it can measure); `value` must be one of
+        them; None starts at the first of `live_options` there, else at the first there is."""
+        options = sorted(set(self.frame[column].to_list()) | (set(live_options) if self.live else set()))
+        if value is not None and value not in options:
+            raise ValueError(f"{column}={value!r} is not in the data, which holds {options}: pick one of those "
+                             f"(or measure it with live=True on a GPU)")
+        value = value or next((v for v in live_options if v in options), options[0] if options else None)
+        return W.Dropdown(options=options, value=value, description="quant" if column == "quant_type" else column)
 
     def _impl_options(self) -> list[str]:
         """The data's impls, and on a live GPU every impl a sweep times (imported late: q4lab.sweep loads
@@ -245,9 +249,7 @@ class ShapeProber:
     def _draw(self) -> None:
         rows, line = self.selection()
         if rows.height:
-            fig = plots.shape_curves(rows, title=wrap_title(line), impls=list(self.controls["impls"].value))
-            for trace in model_traces(rows):
-                fig.add_trace(trace)
+            fig = plots.shape_curves(rows, title=wrap_title(line), impls=list(self.controls["impls"].value), model=True)
         else:
             fig = go.Figure(layout={"title": wrap_title(line)})
         with self.figure.batch_update():
@@ -395,19 +397,6 @@ def wrap_title(line: str) -> str:
     return "<br>".join(textwrap.wrap(line, TITLE_CHARS))
 
 
-def model_traces(rows: pl.DataFrame) -> list[go.Scatter]:
-    """The bandwidth model per device over the rows' M: launch + the fewest bytes any drawn impl moves
-    (the 4-bit weight's, when a 4-bit impl is drawn) / bandwidth, with that run's launch and bandwidth."""
-    model = (rows.group_by("device", "M")
-             .agg(pl.col("launch_us").median(), pl.col("device_gbps").median(), pl.col("bytes").min())
-             .with_columns(analysis.bandwidth_model_us(pl.col("launch_us"), pl.col("bytes"),
-                                                       pl.col("device_gbps")).alias("model_us"))
-             .sort("device", "M"))
-    return [go.Scatter(x=part["M"], y=part["model_us"], mode="lines", name=f"bandwidth model · {device}",
-                       line=MODEL_LINE, hovertemplate="model: %{y:.3g} µs at M=%{x}<extra></extra>")
-            for (device,), part in model.group_by("device", maintain_order=True)]
-
-
 def link(figure: go.Figure, prober: ShapeProber) -> go.FigureWidget:
     """`figure` (a crossover heatmap: a shape a row, a dtype a column; or a camping scatter: points whose
     hover names shape and dtype) as a FigureWidget whose clicks open the clicked shape in `prober`."""
@@ -420,8 +409,8 @@ def link(figure: go.Figure, prober: ShapeProber) -> go.FigureWidget:
 def _open_clicked(prober: ShapeProber, trace, points) -> None:
     if not points.point_inds:  # plotly calls every trace's callback; only the clicked one has points
         return
-    if trace.type == "heatmap":
-        prober.open_shape(points.ys[0], points.xs[0])
+    if trace.type == "heatmap":  # a column is a dtype, perhaps with more lines (quant type, baseline) under it
+        prober.open_shape(points.ys[0], points.xs[0].split("<br>")[0])
         return
     fields = _hover_fields(trace)
     if "shape" in fields:

@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import polars as pl
 import pytest
 
-from q4lab import analysis, bench, ops, plots, runlog, widgets
+from q4lab import analysis, bench, ops, plots, runlog, tables, widgets
 from q4lab.synthetic import DEVICES, synthetic_dataset
 
 H100 = DEVICES["H100"]["device"]
@@ -104,6 +104,8 @@ def test_the_bandwidth_model_is_a_dotted_line_of_launch_plus_bytes_over_bandwidt
     rows = df.filter(pl.col("shape") == "llama-3-8b.q_proj", pl.col("device") == H100, pl.col("dtype") == "fp16",
                      pl.col("impl") == "simt").sort("M")  # the 4-bit weight: the fewest bytes of the impls drawn
     assert tuple(model.x) == tuple(rows["M"])
+    low, high = prober.figure.layout.yaxis.range  # log10: the axis shows the whole model line
+    assert 10 ** low <= min(model.y) and max(model.y) <= 10 ** high
     assert model.y == pytest.approx([analysis.bandwidth_model_us(r["launch_us"], r["bytes"], r["device_gbps"])
                                      for r in rows.iter_rows(named=True)])
 
@@ -147,6 +149,15 @@ def test_the_shape_list_holds_every_measured_shape_and_opens_one(prober, df):
     assert prober.status.value == "gemma-2-9b.q_proj (N=4096, K=3584): measured"
 
 
+def test_dtype_and_quant_start_at_fp16_and_nf4_where_measured_and_must_be_in_the_data(df):
+    bf16 = df.filter(pl.col("dtype") == "bf16")
+    prober = widgets.ShapeProber(bf16)
+    assert (prober.controls["dtype"].value, prober.controls["quant_type"].value) == ("bf16", "nf4")
+    assert widgets.ShapeProber(df).controls["dtype"].value == "fp16"
+    with pytest.raises(ValueError, match=r"dtype='fp32' is not in the data, which holds \['bf16', 'fp16'\]"):
+        widgets.ShapeProber(df, dtype="fp32")
+
+
 def test_an_unknown_shape_name_is_named_with_close_matches(prober):
     prober.open_shape("llama-3-8b.up_prj")
     assert "unknown shape 'llama-3-8b.up_prj'" in prober.status.value and "llama-3-8b.up_proj" in prober.status.value
@@ -159,9 +170,11 @@ def _click(figure: go.FigureWidget, trace_index: int, x, y, point_index) -> None
 
 
 def test_clicking_a_crossover_heatmap_cell_opens_that_shape(prober, df):
-    heatmap = widgets.link(plots.crossover_heatmap(analysis.crossovers(df, "simt", "dequant_blas")), prober)
+    crossovers = tables.all_crossovers(df, "simt", ["dequant_blas", "dense"])
+    heatmap = widgets.link(plots.crossover_heatmap(crossovers), prober)
     assert isinstance(heatmap, go.FigureWidget)
-    _click(heatmap, 1, "bf16", "llama-3-70b.down_proj", [3, 0])
+    column = next(x for x in heatmap.data[1].x if x.startswith("bf16<br>"))  # a dtype, and the baseline under it
+    _click(heatmap, 1, column, "llama-3-70b.down_proj", [3, 0])
     assert prober.status.value == "llama-3-70b.down_proj (N=8192, K=28672): measured"
     assert prober.controls["dtype"].value == "bf16"
     assert (prober.controls["N"].value, prober.controls["K"].value) == (8192, 28672)
@@ -259,8 +272,8 @@ def test_saving_before_any_probe_says_so(monkeypatch, tmp_path, df):
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_on_a_gpu_two_live_probes_are_there_for_the_next_prober_without_measuring(tmp_path, monkeypatch):
-    from q4lab import notebook_params as nbp, sweep
-    if reason := nbp.gpu_missing_reason():
+    from q4lab import notebook_io as nbio, sweep
+    if reason := nbio.gpu_missing_reason():
         pytest.skip(f"needs a GPU: {reason}")
     first = widgets.ShapeProber(None, live=True, N=4096, K=4096, impls=["simt", "dequant_blas"], log_dir=tmp_path)
     first.wait(600)
