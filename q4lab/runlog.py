@@ -5,6 +5,8 @@ parquet dataset (q4lab.dataset.SCHEMA).
   it stopped when run again with the same log; nothing taken is lost or taken twice.
 - A log belongs to one device and software identity (`IDENTITY`): a run on another refuses to append to
   it, and a dataset never mixes identities.
+- A damaged line (cut short, not UTF-8, not a record of `RECORD_FIELDS`) is skipped with a warning that
+  names it; what it held is measured again.
 
 Log records, one JSON object a line, each with "kind" and "run_id":
   run    one invocation: identity (device, versions, kernel hash), git commit, device_gbps, launch_us
@@ -16,6 +18,7 @@ Log records, one JSON object a line, each with "kind" and "run_id":
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -25,8 +28,10 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 
-from q4lab import dataset
+from q4lab import dataset, writer_lock
 
+# How long a compaction waits for another one into the same dataset to finish (it takes seconds)
+COMPACT_WAIT_S = 120.0
 # Provenance that must match for rows to share a log or a dataset.
 IDENTITY = ("device", "vendor", "arch", "driver", "runtime", "torch_version", "q4lab_version",
             "kernel_hash", "timer")
@@ -83,22 +88,83 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What each field of a record must hold, by record kind: a line that fails is damaged (see read_log).
+_IS = {
+    str: lambda v: isinstance(v, str),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    bool: lambda v: isinstance(v, bool),
+    dict: lambda v: isinstance(v, dict),
+    "number": _finite,
+    "time": lambda v: _finite(v) and v > 0,
+    "number or null": lambda v: v is None or _finite(v),
+    "times": lambda v: isinstance(v, list) and bool(v) and all(_finite(x) and x > 0 for x in v),
+}
+_POINT_FIELDS = {f: {"N": int, "K": int, "M": int, "blocksize": int, "nested": bool, "cold": bool}.get(f, str)
+                 for f in Point._fields}
+RECORD_FIELDS = {
+    "run": {"run_id": str, "identity": dict, "git_commit": str, "device_gbps": "number or null",
+            "launch_us": "number or null"},
+    "skip": {"run_id": str, "impl": str, "reason": str},
+    "check": {"run_id": str, **_POINT_FIELDS},
+    "error": {"run_id": str, **_POINT_FIELDS, "reason": str},
+    "round": {"run_id": str, **_POINT_FIELDS, "timestamp": str, "attempt": int, "round": int, "rounds": int,
+              "tolerance": "number", "time_us": "time", "time_us_lo": "time", "time_us_hi": "time",
+              "samples": int, "host_us": "number", "timed_cold": bool, "samples_us": "times", "bytes": int},
+}
+
+
+def _damage(line: bytes) -> tuple[dict | None, str | None]:
+    """(record, None) for a sound line, (None, what is wrong) for a damaged one."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except json.JSONDecodeError:
+        return None, "not JSON (a write cut short by a kill?)"
+    if not isinstance(record, dict):
+        return None, f"a JSON {type(record).__name__}, not a record"
+    kind = record.get("kind")
+    if kind not in RECORD_FIELDS:
+        return None, f"unknown kind {kind!r}"
+    missing = [f for f in RECORD_FIELDS[kind] if f not in record]
+    if missing:
+        return None, f"a {kind!r} record without {', '.join(missing)}"
+    wrong = [f for f, expected in RECORD_FIELDS[kind].items() if not _IS[expected](record[f])]
+    if wrong:
+        return None, f"a {kind!r} record with bad {', '.join(f'{f}={record[f]!r}' for f in wrong)}"[:200]
+    if kind == "round" and not 0 <= record["round"] < record["rounds"]:
+        return None, f"a 'round' record with round {record['round']} of {record['rounds']}"
+    return record, None
+
+
 def read_log(path) -> list[dict]:
-    """The log's records. Lines that are not JSON (a write cut short by a kill) are skipped with a
-    warning; the measurement such a line held is taken again by the next run."""
-    records, unreadable = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                unreadable += 1
-    if unreadable:
-        warnings.warn(f"{path}: skipped {unreadable} unreadable line(s), a write cut short by a kill; "
-                      f"running the sweep again re-measures what they held", stacklevel=2)
-    return records
+    """The log's sound records. A damaged line (cut short by a kill, not UTF-8, not a record, a record
+    without a field it needs or with a value of the wrong type) is skipped with a warning naming the file
+    and line; so are the records of a run whose own line is damaged. The measurements they held are
+    taken again by the next run."""
+    records, damaged = [], []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                record, why = _damage(line)
+                if why:
+                    damaged.append(f"line {number}: {why}")
+                else:
+                    records.append((number, record))
+    runs = {r["run_id"] for _, r in records if r["kind"] == "run"}
+    orphans = [number for number, r in records if r["run_id"] not in runs]
+    if orphans:
+        damaged.append(f"line(s) {', '.join(map(str, orphans[:5]))}{', ...' if len(orphans) > 5 else ''}: "
+                       f"{len(orphans)} record(s) of a run whose own record is damaged")
+    if damaged:
+        warnings.warn(f"{path}: skipped unreadable or damaged lines ({'; '.join(damaged[:5])}"
+                      f"{f'; and {len(damaged) - 5} more' if len(damaged) > 5 else ''}); running the sweep "
+                      f"again re-measures what they held", stacklevel=2)
+    return [r for _, r in records if r["run_id"] in runs]
 
 
 def log_identity(records: list[dict], path) -> dict | None:
@@ -221,14 +287,17 @@ def compact(log_path, out_path) -> pl.DataFrame:
                          f"its own dataset")
     new = pl.concat(frames)
     out = Path(out_path)
-    if out.exists():
-        old = dataset.load(out)
-        _check_dataset_identity(old, next(iter(identities.values())), out)
-        new = pl.concat([old.filter(~pl.col("run_id").is_in(sorted(run_ids))), new])
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    new.write_parquet(tmp)
-    os.replace(tmp, out)
+    # one compaction at a time reads, merges and replaces the dataset: another would drop this one's rows
+    with writer_lock.hold(out.with_name(f".{out.name}.lock"), f"dataset {out}", "compact into another --out",
+                          wait_s=COMPACT_WAIT_S):
+        if out.exists():
+            old = dataset.load(out)
+            _check_dataset_identity(old, next(iter(identities.values())), out)
+            new = pl.concat([old.filter(~pl.col("run_id").is_in(sorted(run_ids))), new])
+        partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+        new.write_parquet(partial)
+        os.replace(partial, out)
     return new
 
 

@@ -12,7 +12,8 @@ How a sweep measures:
   spread (max - min) / median of them. A point whose spread exceeds `tol` is measured again (a fresh set
   of rounds, at most `max_remeasure` times); one that never settles is kept with `stable=False`.
 - Every round is in the log as soon as it is taken (q4lab.runlog): a killed sweep resumes where it
-  stopped when run again with the same log; `runlog.compact` turns logs into the dataset.
+  stopped when run again with the same log; `runlog.compact` turns logs into the dataset. One sweep at
+  a time appends to a log: a second is refused, naming the first (q4lab.writer_lock).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 import q4lab
-from q4lab import bench, formats, kernels, ops
+from q4lab import bench, formats, kernels, ops, writer_lock
 from q4lab.runlog import (IDENTITY, Point, PointLog, RawLog, SweepError, check_identity, finished_rows,
                           log_identity, point_logs)
 from q4lab.shapes import Shape, nsweep_shape, select
@@ -218,10 +219,14 @@ def identity(device: torch.device) -> dict:
 
 @contextlib.contextmanager
 def _opened_log(log):
-    """The RawLog at `log`, or in a temporary folder that is removed afterwards when `log` is None."""
+    """The RawLog at `log`, held by this process alone (`writer_lock`: two sweeps appending to one log would
+    take every round twice), or in a temporary folder that is removed afterwards when `log` is None."""
     with contextlib.ExitStack() as stack:
         path = Path(log) if log is not None else Path(stack.enter_context(tempfile.TemporaryDirectory())) / "log.jsonl"
-        raw = RawLog(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(writer_lock.hold(path.with_name(f".{path.name}.lock"), f"sweep log {path}",
+                                             "give this sweep its own log (--log, or another --out)"))
+        raw = RawLog(path)  # read only once the lock is held: no other run appends any more
         stack.callback(raw.close)
         yield raw
 

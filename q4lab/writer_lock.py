@@ -21,13 +21,13 @@ class BusyError(RuntimeError):
 
 
 @contextlib.contextmanager
-def hold(lock_path: Path, what: str, elsewhere: str):
-    """Hold the lock at `lock_path` (created if missing) for the `with` block, or raise BusyError saying
-    that `what` is in use by whom and, in `elsewhere`, how to avoid waiting."""
+def hold(lock_path: Path, what: str, elsewhere: str, wait_s: float = 0):
+    """Hold the lock at `lock_path` (created if missing) for the `with` block, waiting up to `wait_s` for
+    it, or raise BusyError saying that `what` is in use by whom and, in `elsewhere`, how to avoid waiting."""
     lock_path = Path(lock_path)
     lock = filelock.FileLock(lock_path)
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=wait_s)
     except filelock.Timeout:
         holder = lock_path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
         raise BusyError(f"{what} is in use by {holder} (lock {lock_path}): wait for that run to finish or "
