@@ -244,14 +244,18 @@ def _run(plan: Plan, device, log, rounds, tol, max_remeasure, progress, part, in
         index, parts = part
         chunks = tuple(chunks[i] for i in split_chunks([_chunk_cost(plan, c) for c in chunks], parts)[index])
     max_attempts = 1 + max_remeasure
+    reasons = ops.available_impls(device)
+    impls = tuple(i for i in plan.impls if reasons[i] is None)
+    if not impls:  # fail before the log exists: a sweep that can measure nothing leaves nothing behind
+        why = "; ".join(f"{i}: {reasons[i]}" for i in plan.impls)
+        raise SweepError(f"nothing to measure on {device}: no impl asked for runs there ({why}); measure on a GPU, "
+                         f"or ask for an impl that runs here (--impls dense)")
     with _opened_log(log) as raw:
         ident = identity(device)
         check_identity(log_identity(raw.records, raw.path), ident, raw.path)
         run = {"kind": "run", "run_id": uuid.uuid4().hex[:12], "identity": ident, "git_commit": _git_commit(),
                "started": _now(), "device_gbps": None, "launch_us": None}
 
-        reasons = ops.available_impls(device)
-        impls = tuple(i for i in plan.impls if reasons[i] is None)
         plogs = point_logs(raw.records)
         todo = [(chunk, {p: nxt for p in plan.points(chunk, impls)
                          if (nxt := plogs.setdefault(p, PointLog()).next_rounds(rounds, tol, max_attempts))})

@@ -88,16 +88,18 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                             description="Time an N sweep into a raw log, then compact it into a parquet dataset.")
     nsweep.add_argument("--k", type=int, required=True, help="K (in_features), a multiple of the blocksize")
     nsweep.add_argument("--m", type=_int_list, default="1,8", help="M values (default: %(default)s)")
-    nsweep.add_argument("--n-start", type=int, default=512)
+    nsweep.add_argument("--n-start", type=int, default=512, help="first N (default: %(default)s)")
     nsweep.add_argument("--n-stop", type=int, default=16384, help="last N, inclusive (default: %(default)s)")
-    nsweep.add_argument("--n-step", type=int, default=64)
+    nsweep.add_argument("--n-step", type=int, default=64, help="N step (default: %(default)s)")
     nsweep.add_argument("--dtypes", default="fp16", help=f"of {', '.join(ops.DTYPES)} (default: %(default)s)")
     nsweep.add_argument("--impls", default="simt,dense,bnb",
                         help=f"of {', '.join(ops.IMPLS)}, or 'all' (default: %(default)s)")
-    nsweep.add_argument("--quant-type", default="nf4", choices=formats.QUANT_TYPES)
+    nsweep.add_argument("--quant-types", "--quant-type", default="nf4", choices=formats.QUANT_TYPES,
+                        dest="quant_types", help="4-bit format, one per N sweep (default: %(default)s)")
 
     for cmd in (grid, nsweep):
-        cmd.add_argument("--blocksize", type=int, default=64)
+        cmd.add_argument("--blocksize", type=int, default=64,
+                         help="weights quantized per absmax block (default: %(default)s)")
         cmd.add_argument("--nested", action="store_true", help="double-quantized (nested) absmax")
         cmd.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
         cmd.add_argument("--tol", type=float, default=0.05,
@@ -113,8 +115,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
     comp = sub.add_parser("compact", help="raw log(s) -> parquet dataset",
                           description="Compact raw sweep logs of one device into a parquet dataset.")
-    comp.add_argument("logs", nargs="+", type=Path)
-    comp.add_argument("--out", type=Path, required=True)
+    comp.add_argument("logs", nargs="+", type=Path, help="raw JSON-lines logs of sweeps on one device")
+    comp.add_argument("--out", type=Path, required=True, help="parquet dataset to write")
 
 
 def sweep_command(args: argparse.Namespace) -> int:
@@ -131,7 +133,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     else:
         func, kwargs = "run_nsweep", dict(K=args.k, ms=args.m, n_start=args.n_start, n_stop=args.n_stop,
                                           n_step=args.n_step, impls=args.impls, dtypes=args.dtypes,
-                                          quant_type=args.quant_type, **common)
+                                          quant_type=args.quant_types, **common)
     log = args.log or args.out.with_suffix(".jsonl")
     gpus = gpu_list(args.gpus)
     if gpus is not None and len(gpus) > 1:
