@@ -124,7 +124,7 @@ def test_shape_probe_slider_redraws_the_plot(page, lab, tmp_path):
     notebooks_before = folder_digest(NOTEBOOKS)
     requests = RequestLog(page)
     with screenshots_on_failure(page, tmp_path, "shape_probe") as steps:
-        page.goto(f"{lab.url}/lab/tree/{PROBE}?token={lab.token}")
+        page.goto(f"{lab.url}/lab/tree/{PROBE}?reset&token={lab.token}")  # reset: no other test's tabs
         page.wait_for_selector(".jp-Notebook")
         lab.wait_for_idle_kernel(PROBE)
         steps.shot("opened")
@@ -196,7 +196,7 @@ HEATMAP_CELL_JS = """plot => {
 def test_clicking_a_crossover_heatmap_cell_opens_that_shape_in_the_prober(page, lab, tmp_path):
     notebook = "crossover.ipynb"
     with screenshots_on_failure(page, tmp_path, "crossover_link") as steps:
-        page.goto(f"{lab.url}/lab/tree/{notebook}?token={lab.token}")
+        page.goto(f"{lab.url}/lab/tree/{notebook}?reset&token={lab.token}")
         page.wait_for_selector(".jp-Notebook")
         lab.wait_for_idle_kernel(notebook)
         run_all_cells(page, notebook, timeout_s=300)
