@@ -56,7 +56,7 @@ def from_state_dict(sd: dict[str, torch.Tensor], prefix: str = "") -> Q4Weight:
             "pass the layer's module prefix as `prefix` (e.g. 'model.layers.0.mlp.up_proj.') and a state "
             "dict saved from a quantized bitsandbytes Linear4bit (or by bnb_state.to_state_dict)"
         )
-    quant_state = json.loads(bytes(sd[present[0]].cpu().tolist()).decode("utf-8"))
+    quant_state = _quant_state(present[0], sd[present[0]])
     _check_keys(present[0], quant_state, ("quant_type", "blocksize", "dtype", "shape"))
     nested = "nested_offset" in quant_state
     if nested:
@@ -75,7 +75,7 @@ def from_state_dict(sd: dict[str, torch.Tensor], prefix: str = "") -> Q4Weight:
             f"{'nested ' if nested else ''}{quant_state['quant_type']} weight at prefix {prefix!r}: "
             "pass the full state dict of the layer (all its 'weight.*' entries)"
         )
-    if quant_state["dtype"] not in {dtype_name(d) for d in DTYPES}:
+    if quant_state["dtype"] not in [dtype_name(d) for d in DTYPES]:
         raise FormatError(
             f"weight dtype {quant_state['dtype']!r} is not supported: q4lab handles "
             f"{[dtype_name(d) for d in DTYPES]}"
@@ -83,20 +83,50 @@ def from_state_dict(sd: dict[str, torch.Tensor], prefix: str = "") -> Q4Weight:
     shape = quant_state["shape"]
     if not isinstance(shape, list) or len(shape) != 2:
         raise FormatError(f"weight shape {shape} is not 2-D: q4lab handles Linear weights [N, K] only")
+    offset = quant_state.get("nested_offset")
+    if nested and (isinstance(offset, bool) or not isinstance(offset, (int, float))):
+        raise FormatError(f"{present[0]}: nested_offset {offset!r} is not a number")
+    if not isinstance(sd[weight_key], torch.Tensor):
+        raise FormatError(f"{weight_key} is a {type(sd[weight_key]).__name__}, not a tensor of packed codes")
     # A bitsandbytes quant_storage other than uint8 only reinterprets the same bytes.
     packed = sd[weight_key].contiguous().view(torch.uint8).reshape(-1)
-    return Q4Weight(
-        packed=packed,
-        absmax=sd[f"{weight_key}.absmax"],
-        code=sd[f"{weight_key}.quant_map"],
-        shape=tuple(shape),
-        dtype=getattr(torch, quant_state["dtype"]),
-        quant_type=quant_state["quant_type"],
-        blocksize=quant_state["blocksize"],
-        nested_absmax=sd[f"{weight_key}.nested_absmax"] if nested else None,
-        nested_offset=quant_state["nested_offset"] if nested else None,
-        nested_code=sd[f"{weight_key}.nested_quant_map"] if nested else None,
-    )
+    try:
+        w = Q4Weight(
+            packed=packed,
+            absmax=sd[f"{weight_key}.absmax"],
+            code=sd[f"{weight_key}.quant_map"],
+            shape=tuple(shape),
+            dtype=getattr(torch, quant_state["dtype"]),
+            quant_type=quant_state["quant_type"],
+            blocksize=quant_state["blocksize"],
+            nested_absmax=sd[f"{weight_key}.nested_absmax"] if nested else None,
+            nested_offset=quant_state["nested_offset"] if nested else None,
+            nested_code=sd[f"{weight_key}.nested_quant_map"] if nested else None,
+        )
+    except FormatError as err:
+        raise FormatError(f"the weight at prefix {prefix!r} (quant state {present[0]}): {err}") from None
+    scales = f"{weight_key}.nested_absmax" if nested else f"{weight_key}.absmax"
+    bad = ~torch.isfinite(sd[scales]) | (sd[scales] < 0)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise FormatError(f"{scales} has {int(bad.sum())} NaN, infinite or negative value(s), the first at "
+                          f"[{first}] ({sd[scales][first].item()}): absmax scales are >= 0; the state dict "
+                          f"is damaged, so re-export it from the quantized layer")
+    return w
+
+
+def _quant_state(key: str, packed: torch.Tensor) -> dict:
+    """The JSON object bitsandbytes packs into a uint8 tensor, or a FormatError naming `key`."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise FormatError(f"{key} is not a 1-D uint8 tensor of JSON bytes: it is not a bitsandbytes quant state")
+    try:
+        quant_state = json.loads(bytes(packed.cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FormatError(f"{key} does not hold JSON text ({type(err).__name__}: {err}): the quant state is "
+                          f"truncated or damaged; re-export the state dict from the quantized layer") from None
+    if not isinstance(quant_state, dict):
+        raise FormatError(f"{key} holds a JSON {type(quant_state).__name__}, not the quant state's object")
+    return quant_state
 
 
 def save(w: Q4Weight, path, prefix: str = "") -> None:

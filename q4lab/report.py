@@ -319,7 +319,8 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"run only these notebooks ({', '.join(NOTEBOOKS)})")
     parser.add_argument("--timeout", type=_positive_int, default=600,
                         help="seconds a notebook cell may take (default 600)")
-    parser.add_argument("--jobs", type=_positive_int, default=4, help="notebooks run at a time (default 4; 1 when live)")
+    parser.add_argument("--jobs", type=_positive_int, default=4,
+                        help="notebooks run at a time (default 4; 1 when live)")
     parser.add_argument("-p", "--parameter", action="append", default=[], metavar="[NOTEBOOK.]NAME=VALUE",
                         dest="parameters", help="a notebook parameter, VALUE in YAML: -p crossover.dtypes=fp32 "
                         "(that notebook), -p 'dtypes=[fp16, bf16]' (every notebook that takes it); repeatable; "

@@ -1,4 +1,5 @@
 """q4lab.formats: bit-exact with bitsandbytes' CPU backend, its Linear4bit state dicts, error bounds, bad input."""
+import json
 import math
 
 import pytest
@@ -383,3 +384,44 @@ def test_state_dict_with_wrong_tensors_raises_value_error(nested_state_dict, key
     nested_state_dict[PREFIX + key] = value(nested_state_dict[PREFIX + key])
     with pytest.raises(FormatError, match=message):
         bnb_state.from_state_dict(nested_state_dict, PREFIX)
+
+
+QUANT_STATE = f"{PREFIX}weight.quant_state.bitsandbytes__nf4"
+NESTED_ABSMAX = f"{PREFIX}weight.nested_absmax"
+
+
+def _with_quant_state(sd: dict, **changes) -> dict:
+    state = json.loads(bytes(sd[QUANT_STATE].tolist())) | changes
+    return sd | {QUANT_STATE: torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd | {NESTED_ABSMAX: sd[NESTED_ABSMAX].clone().fill_(float("nan"))},
+     r"weight.nested_absmax has 1 NaN, infinite or negative value\(s\), the first at \[0\] \(nan\)"),
+    (lambda sd: sd | {NESTED_ABSMAX: -sd[NESTED_ABSMAX]},
+     r"nested_absmax has 1 NaN, infinite or negative value\(s\).*re-export it"),
+    (lambda sd: _with_quant_state(sd, shape=[16.5, 256]),
+     r"prefix 'model.layers.0.mlp.up_proj.'.*weight shape \(16.5, 256\) must be whole numbers"),
+    (lambda sd: _with_quant_state(sd, blocksize=64.0), r"quant_state.bitsandbytes__nf4\): unsupported blocksize 64.0"),
+    (lambda sd: _with_quant_state(sd, nested_offset="0.1"), r"nested_offset '0.1' is not a number"),
+    (lambda sd: _with_quant_state(sd, dtype=["float16"]), r"weight dtype \['float16'\] is not supported"),
+    (lambda sd: sd | {QUANT_STATE: sd[QUANT_STATE][:-5]},
+     r"bitsandbytes__nf4 does not hold JSON text \(JSONDecodeError.*truncated or damaged"),
+    (lambda sd: sd | {QUANT_STATE: torch.tensor([0xFF, 0xFE, 0x7B], dtype=torch.uint8)},
+     r"bitsandbytes__nf4 does not hold JSON text \(UnicodeDecodeError"),
+    (lambda sd: sd | {QUANT_STATE: torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)},
+     r"bitsandbytes__nf4 holds a JSON list, not the quant state's object"),
+    (lambda sd: sd | {QUANT_STATE: torch.zeros(3)}, r"bitsandbytes__nf4 is not a 1-D uint8 tensor of JSON bytes"),
+])
+def test_a_damaged_state_dict_is_refused_naming_what_is_wrong(nested_state_dict, change, message):
+    with pytest.raises(FormatError, match=message):
+        bnb_state.from_state_dict(change(nested_state_dict), PREFIX)
+
+
+def test_negative_absmax_of_a_plain_state_dict_is_refused():
+    sd = bnb_state.to_state_dict(quantize(make_weight((16, 256), torch.float16, 64)), PREFIX)
+    sd[f"{PREFIX}weight.absmax"] = sd[f"{PREFIX}weight.absmax"].clone()
+    sd[f"{PREFIX}weight.absmax"][[3, 9]] = torch.tensor([-1.0, float("inf")])
+    with pytest.raises(FormatError, match=r"weight.absmax has 2 NaN, infinite or negative value\(s\), the first "
+                                          r"at \[3\] \(-1.0\)"):
+        bnb_state.from_state_dict(sd, PREFIX)
