@@ -248,7 +248,7 @@ def camping_floors(df: pl.DataFrame, impl: str = "simt", z_threshold: float = 3.
     has_m1 = (pl.col("M") == 1).any().over([*CONFIG, "shape"])
     if not points.filter(has_m1).height:
         raise ValueError(f"camping floors need M=1 measurements of {impl!r}; there are none "
-                         f"(measure M=1 too: q4lab sweep --ms 1,2,4,...)")
+                         f"(measure M=1 too: q4lab sweep grid --m 1,2,4,...)")
     skipped = sorted(set(points.filter(~has_m1)["shape"]))
     if skipped:
         warnings.warn(f"camping floors: no M=1 row of {impl!r} for {skipped}; those shapes are left out "

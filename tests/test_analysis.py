@@ -168,7 +168,7 @@ def test_family_bookkeeping_on_the_gfx1201_sweep(df):
 def test_bad_input_names_the_problem_and_the_fix(df):
     with pytest.raises(ValueError, match=r"no grid/repeat rows for impl 'marlin'.*impls measured there"):
         analysis.crossovers(df, impl_b="marlin")
-    with pytest.raises(ValueError, match=r"need M=1.*q4lab sweep --ms"):
+    with pytest.raises(ValueError, match=r"need M=1.*q4lab sweep grid --m 1,"):
         analysis.camping_floors(df.filter(pl.col("M") > 1))
     with pytest.warns(UserWarning, match=r"no M=1 row of 'simt' for \['llama-3-8b.q_proj'\]; those shapes are left out"):
         floors = analysis.camping_floors(df.filter((pl.col("M") > 1) | (pl.col("shape") != "llama-3-8b.q_proj")))
