@@ -105,7 +105,8 @@ class Q4Weight:
         nblocks = N * K // self.blocksize
         _check_tensor("packed", self.packed, torch.uint8, (N * K // 2,))
         _check_tensor("code", self.code, torch.float32, (16,))
-        if not torch.equal(self.code, code_table(self.quant_type, self.code.device)):  # no host sync
+        # torch.equal returns a Python bool: one host sync per weight built, on a 16-entry table
+        if not torch.equal(self.code, code_table(self.quant_type, self.code.device)):
             raise FormatError(
                 f"code is not bitsandbytes' {self.quant_type} table: q4lab supports only the standard "
                 "NF4/FP4 tables; requantize the weight with bitsandbytes' defaults"
