@@ -112,7 +112,7 @@ elif [ $# -gt 0 ]; then
 fi
 
 if ! command -v "$PYTHON" >/dev/null; then
-    echo "setup: error: '$PYTHON' not found; install Python >= 3.10 or pass one: make test PYTHON=/path/to/python3" >&2
+    echo "setup: error: '$PYTHON' not found; install Python >= 3.11 or pass one: make test PYTHON=/path/to/python3" >&2
     exit 1
 fi
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$(stamp_key)" ]; then
