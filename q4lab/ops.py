@@ -275,8 +275,9 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
         reason = _kernel_unavailable_reason(A2.device)
         if reason:
             raise kernels.KernelError(f"impl {impl!r} is unavailable: {reason}")
+    shaped = out if A.dim() == 2 else out.view(*lead, w.N)  # the caller's own `out` when A is [M, K]
     if M == 0:
-        return out.reshape(*lead, w.N)
+        return shaped
     if impl == "reference":
         out.copy_(_reference(A2, w, bias))
     elif impl in _KERNEL_IMPL:
@@ -293,4 +294,4 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
         if reason:
             raise RuntimeError(f"impl 'bnb' is unavailable: {reason}")
         out.copy_(_bnb(A2, w, bias))  # bitsandbytes allocates its own output
-    return out.reshape(*lead, w.N)
+    return shaped
