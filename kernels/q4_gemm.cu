@@ -21,9 +21,10 @@
 //    16-byte load, 32 weights inside one absmax block (blocksize >= 32).
 // The multiply: fp32 FMAs on weights decoded to fp32, except fp16 activations on AMD targets with
 // v_dot2_f32_f16 (Q4_DOT2_F16, q4_port.h), which multiply packed fp16 pairs, still accumulating in fp32.
-#include "q4_decode.h"
+#include <atomic>
 
-constexpr int Q4_WARPS = 4;  // warps per block: 128 threads (256 on wave64) keeps 4+ blocks per SM/CU
+#include "q4_decode.h"
+#include "q4_launch.h"
 
 // MT == 1 is held to 128 registers, 4 blocks (16 warps) an SM: left free, R=4 took 166 and 3 blocks, and
 // a 512-block grid (8192x8192) ran 1.3 waves instead of one (H100: 31.7 against 28.8 us).
@@ -213,52 +214,53 @@ static q4_kernel_t q4_instance_all(int dtype, bool nested, bool gemv, int R, int
   }
 }
 
+constexpr int Q4_CONFIGS = 12;      // (R, MT) in {1,2,4} x {1,2,4,8}, indexed log2(R) * 4 + log2(MT)
+constexpr int Q4_MAX_DEVICES = 64;  // devices whose facts are cached; others are asked at every launch
+
+// SM/CU count of the current device (0 without one), asked of the runtime once per device.
 static int q4_sm_count() {
+  static std::atomic<int> cached[Q4_MAX_DEVICES];  // 0: not asked yet
   int dev = 0, sms = 0;
-  if (q4_get_device(&dev) != q4_success || q4_device_attribute(&sms, q4_attr_sm_count, dev) != q4_success)
-    return 0;
+  if (q4_get_device(&dev) != q4_success) return 0;
+  if (dev < Q4_MAX_DEVICES && (sms = cached[dev].load(std::memory_order_relaxed)) > 0) return sms;
+  if (q4_device_attribute(&sms, q4_attr_sm_count, dev) != q4_success) return 0;
+  if (dev < Q4_MAX_DEVICES) cached[dev].store(sms, std::memory_order_relaxed);
   return sms;
 }
 
-constexpr int Q4_CONFIGS = 12;  // (R, MT) in {1,2,4} x {1,2,4,8}, indexed log2(R) * 4 + log2(MT)
-
-// Resident blocks per SM/CU of each simt instance on the current device, asked of the runtime once per
-// (dtype, nested): registers decide it (v6 bf16 on sm_90: from 5 blocks at R = MT = 1 down to 2 from
-// R * MT = 8 on), and the compiler's register counts differ by arch and dtype.
-static const int* q4_blocks_per_sm(int dtype, bool nested) {
-  static int table[3][2][Q4_CONFIGS];  // 0: not asked yet
-  int* t = table[dtype][nested ? 1 : 0];
-  if (t[0] == 0)
-    for (int c = Q4_CONFIGS - 1; c >= 0; --c) {  // entry 0 last: it marks the row as filled
-      int n = 0;
-      const q4_kernel_t kernel = q4_instance_all(dtype, nested, false, 1 << (c / 4), 1 << (c % 4));
-      const void* entry = reinterpret_cast<const void*>(kernel);
-      t[c] = q4_occupancy(&n, entry, Q4_WARPS * Q4_WARP, 0) == q4_success && n > 0 ? n : 1;
-    }
-  return t;
+// Resident blocks per SM/CU of each simt instance on the current device into out[Q4_CONFIGS], asked of
+// the runtime once per (device, dtype, nested): registers decide it (v6 bf16 on sm_90: from 5 blocks at
+// R = MT = 1 down to 2 from R * MT = 8 on), and the compiler's register counts differ by arch and dtype.
+// Threads racing to fill an entry store the same numbers.
+static void q4_blocks_per_sm(int dtype, bool nested, int* out) {
+  static std::atomic<int> cached[Q4_MAX_DEVICES][3][2][Q4_CONFIGS];  // 0: not asked yet
+  int dev = 0;
+  if (q4_get_device(&dev) != q4_success) dev = Q4_MAX_DEVICES;
+  std::atomic<int>* t = dev < Q4_MAX_DEVICES ? cached[dev][dtype][nested ? 1 : 0] : nullptr;
+  for (int c = 0; c < Q4_CONFIGS; ++c) {
+    out[c] = t ? t[c].load(std::memory_order_relaxed) : 0;
+    if (out[c] > 0) continue;
+    int n = 0;
+    const q4_kernel_t kernel = q4_instance_all(dtype, nested, false, 1 << (c / 4), 1 << (c % 4));
+    const void* entry = reinterpret_cast<const void*>(kernel);
+    out[c] = q4_occupancy(&n, entry, Q4_WARPS * Q4_WARP, 0) == q4_success && n > 0 ? n : 1;
+    if (t) t[c].store(out[c], std::memory_order_relaxed);
+  }
 }
 
 extern "C" {
 
-// The simt launch configuration: the (R, MT) whose modelled time is least. A block's work is
-// groups * (R * row_ns[R] + MT * act_ns + R * MT * 40) + 50 ns for one warp alone: decode per weight row
-// (row_ns 100, 140, 190 for R = 1, 2, 4: a warp's rows share its issue slots and registers, so each row
-// costs more the more rows it holds), activation loads per row of the M tile (act_ns 100 for fp16/bf16,
-// 275 for fp32, whose 8 activations a lane touch twice the cache lines), FMAs per pair. An SM runs its
-// share of the grid (ceil(blocks / SMs)) in waves of `blocks_per_sm[config]` blocks, each wave slowed by
-// max(1, resident warps / 9): about 9 warps saturate an SM's L1 data pipe. MT never exceeds M rounded up
-// to a power of two; ties go to more rows per warp, then the larger M tile. Fitted on H100 sweeps of all
-// 12 configurations: bf16 over N 512..128256, K 2048..14336, M 1..128 (docs/bench/h100_2026-11-26_v6_rule.csv,
-// 1.004x of the best configuration, geometric mean over 616 points, worst 1.13x) and fp32 over N
-// 1024..128256, K 4096..14336, M 1..16 (h100_2026-11-26_v6rule_configs_fp32.csv: 1.006x, worst 1.11x, where
-// pricing fp32 activations like bf16's gave 1.025x and 1.41x at worst).
+// The simt launch configuration: the (R, MT) whose modelled time (q4_launch.h) is least, the busiest SM
+// running ceil(blocks / SMs) blocks in waves of `blocks_per_sm[config]`. MT never exceeds M rounded up to
+// a power of two; ties go to more rows per warp, then the larger M tile. The constants are fitted on H100
+// sweeps of all 12 configurations (docs/PERF.md).
 // On entry *rows_per_warp / *m_tile > 0 fix that choice (exploring) and the model picks the other; returns
 // 0, or q4_invalid_value when no instantiated configuration matches what was fixed.
 int q4_simt_config(int N, int M, int K, int dtype, int sm_count, const int* blocks_per_sm, int* rows_per_warp,
                    int* m_tile) {
   const int fixed_R = *rows_per_warp, fixed_MT = *m_tile;
   const int mt_max = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8;
-  const double act_ns = dtype == Q4_F32 ? 275 : 100;
+  const double act_ns = dtype == Q4_F32 ? Q4_ACT_NS_F32 : Q4_ACT_NS_16BIT;
   double best_ns = -1;
   for (int r = 2; r >= 0; --r)
     for (int mt = 3; mt >= 0; --mt) {
@@ -267,10 +269,10 @@ int q4_simt_config(int N, int M, int K, int dtype, int sm_count, const int* bloc
       const long blocks = (long)((N + Q4_WARPS * R - 1) / (Q4_WARPS * R)) * ((M + MT - 1) / MT);
       const long per_sm = (blocks + sm_count - 1) / sm_count;  // the busiest SM's share
       const long waves = per_sm / resident, rest = per_sm % resident;
-      const double row_ns = R == 1 ? 100 : R == 2 ? 140 : 190;
-      const double block_ns = K / 1024.0 * (R * row_ns + MT * act_ns + R * MT * 40) + 50;
-      const double ns = block_ns * (waves * fmax(1.0, Q4_WARPS * resident / 9.0) +
-                                    (rest ? fmax(1.0, Q4_WARPS * rest / 9.0) : 0.0));
+      const double row_ns = R == 1 ? Q4_ROW_NS_R1 : R == 2 ? Q4_ROW_NS_R2 : Q4_ROW_NS_R4;
+      const double block_ns = K / Q4_MODEL_GROUP * (R * row_ns + MT * act_ns + R * MT * Q4_PAIR_NS) + Q4_BLOCK_NS;
+      const double ns = block_ns * (waves * fmax(1.0, Q4_WARPS * resident / Q4_L1_WARPS) +
+                                    (rest ? fmax(1.0, Q4_WARPS * rest / Q4_L1_WARPS) : 0.0));
       if (best_ns < 0 || ns < best_ns) *rows_per_warp = R, *m_tile = MT, best_ns = ns;
     }
   return best_ns < 0 ? (int)q4_invalid_value : 0;
@@ -280,8 +282,7 @@ int q4_simt_config(int N, int M, int K, int dtype, int sm_count, const int* bloc
 // device; 0 on success. Needs a GPU.
 int q4_simt_blocks_per_sm(int dtype, int nested, int* out) {
   if (q4_sm_count() == 0) return (int)q4_invalid_value;
-  const int* t = q4_blocks_per_sm(dtype, nested != 0);
-  for (int c = 0; c < Q4_CONFIGS; ++c) out[c] = t[c];
+  q4_blocks_per_sm(dtype, nested != 0, out);
   return 0;
 }
 
@@ -295,10 +296,11 @@ int q4_gemm(int impl, int dtype, int nested, const void* A, const uint8_t* packe
   const bool gemv = impl == 1;
   int R = 1, MT = 1, grid_y = M;  // gemv: one activation row per block row, no reuse
   if (!gemv) {
-    static int sms = 0;
-    if (sms == 0) sms = q4_sm_count();
+    const int sms = q4_sm_count();
+    int resident[Q4_CONFIGS];
+    q4_blocks_per_sm(dtype, nested != 0, resident);
     R = rows_per_warp, MT = m_tile;
-    if (q4_simt_config(N, M, K, dtype, sms > 0 ? sms : 1, q4_blocks_per_sm(dtype, nested != 0), &R, &MT) != 0)
+    if (q4_simt_config(N, M, K, dtype, sms > 0 ? sms : 1, resident, &R, &MT) != 0)
       return (int)q4_invalid_value;
     grid_y = (M + MT - 1) / MT;
   }

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-KERNEL_DIR = Path(os.environ.get("Q4LAB_KERNELS", Path(__file__).resolve().parent.parent / "kernels"))
+from q4lab.launch import KERNEL_DIR
+
 LIB_NAME = "libq4lab.so"
 # What `q4lab build` makes when there is no GPU to ask: the NVIDIA archs the project supports.
 DEFAULT_CUDA_TARGETS = ("sm_80", "sm_89", "sm_90")
@@ -109,7 +110,9 @@ def find_compiler(vendor: str) -> Path | None:
 def compiler_version(compiler: Path) -> str:
     out = subprocess.run([str(compiler), "--version"], capture_output=True, text=True).stdout.strip()
     lines = [ln for ln in out.splitlines() if ln.strip()]
-    return lines[-1] if lines else "unknown"
+    # hipcc prints its own version, then that of the nvcc or clang it drives
+    hip = [ln for ln in lines if ln.startswith("HIP version")]
+    return hip[0] if hip else lines[-1] if lines else "unknown"
 
 
 def cache_root() -> Path:
@@ -267,10 +270,11 @@ def info() -> dict[str, str]:
     arch = gpu_arch()
     if os.environ.get("Q4LAB_LIB"):
         facts["library"] = f"{os.environ['Q4LAB_LIB']} (from Q4LAB_LIB)"
-    elif compiler:
-        targets = (arch,) if arch else DEFAULT_CUDA_TARGETS
-        path = library_path(vendor, targets, compiler)
+    elif compiler and (arch or vendor == "cuda"):
+        path = library_path(vendor, (arch,) if arch else DEFAULT_CUDA_TARGETS, compiler)
         facts["library"] = f"{path} ({'built' if path.exists() else 'not built yet: q4lab build'})"
+    elif compiler:
+        facts["library"] = "no GPU to read the AMD arch from: name it, e.g. q4lab build --arch gfx1100"
     else:
         facts["library"] = "cannot build here: no compiler"
     return facts

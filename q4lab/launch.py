@@ -1,12 +1,20 @@
-"""The fused simt kernel's launch rule and its time model, mirrored from kernels/q4_gemm.cu (q4_simt_config,
-Q4_WARPS): which (rows per warp R, M tile MT) the launcher picks for a shape, and how much a launch's
-wave quantization should slow it (`wave_slowdown`, which feeds the camping analysis' "wave_tail" label).
+"""The fused simt kernel's launch rule and its time model, as kernels/q4_gemm.cu's q4_simt_config computes
+them: which (rows per warp R, M tile MT) the launcher picks for a shape, and how much a launch's wave
+quantization should slow it (`wave_slowdown`, which feeds the camping analysis' "wave_tail" label). The
+model's constants live in one file, kernels/q4_launch.h, which the kernel compiles and `constants` reads.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+import re
+from pathlib import Path
 
-SIMT_WARPS_PER_BLOCK = 4
+# The kernel sources (Q4LAB_KERNELS: another folder, e.g. an experiment's copy)
+KERNEL_DIR = Path(os.environ.get("Q4LAB_KERNELS", Path(__file__).resolve().parent.parent / "kernels"))
+LAUNCH_HEADER = "q4_launch.h"
+_CONSTEXPR = re.compile(r"^constexpr\s+(?:int|double)\s+(Q4_\w+)\s*=\s*([0-9.eE+-]+)\s*;", re.M)
 SIMT_CONFIGS = tuple((R, MT) for R in (4, 2, 1) for MT in (8, 4, 2, 1))  # the launcher's order: ties keep the first
 # Resident blocks per SM of each (rows per warp R, M tile MT) instance of v6 on sm_90, by activation dtype:
 # 128 threads a block at the ptxas register counts (90 registers at R = MT = 1 up to 255; fp32's wider
@@ -26,23 +34,38 @@ ARCH_SM_COUNT = {
     "gfx1151": 40,   # Strix Halo
     "gfx1201": 64,   # RX 9070 XT
 }
-_ROW_NS = {1: 100, 2: 140, 4: 190}  # the launcher's fitted per-row decode cost by R (q4_simt_config)
-_ACT_NS = {"fp16": 100, "bf16": 100, "fp32": 275}  # its fitted cost of one activation row, by dtype
+
+
+@functools.cache
+def constants(kernel_dir: Path = KERNEL_DIR) -> dict[str, float]:
+    """The model's constants by their C name (Q4_WARPS, Q4_ROW_NS_R1, ...), read from q4_launch.h."""
+    path = Path(kernel_dir) / LAUNCH_HEADER
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: the launch model reads its constants there; run from a q4lab "
+                                f"checkout (pip install -e .) or set Q4LAB_KERNELS to its kernels/ folder")
+    found = {name: float(value) for name, value in _CONSTEXPR.findall(path.read_text(encoding="utf-8"))}
+    if not found:
+        raise ValueError(f"{path} holds no `constexpr TYPE Q4_NAME = VALUE;` lines for the launch model")
+    return found
 
 
 def simt_block_ns(R: int, MT: int, K: int, dtype: str = "bf16") -> float:
     """One simt block's time with its warps alone on an SM (the launcher's fitted model, H100 ns)."""
-    return K / 1024 * (R * _ROW_NS[R] + MT * _ACT_NS[dtype] + R * MT * 40) + 50
+    c = constants()
+    row_ns = c[f"Q4_ROW_NS_R{R}"]
+    act_ns = c["Q4_ACT_NS_F32"] if dtype == "fp32" else c["Q4_ACT_NS_16BIT"]
+    return K / c["Q4_MODEL_GROUP"] * (R * row_ns + MT * act_ns + R * MT * c["Q4_PAIR_NS"]) + c["Q4_BLOCK_NS"]
 
 
 def _crowding(resident_blocks: int) -> float:
-    """How much slower each warp runs when `resident_blocks` share an SM: ~9 warps fill its L1 data pipe."""
-    return max(1.0, SIMT_WARPS_PER_BLOCK * resident_blocks / 9)
+    """How much slower each warp runs when `resident_blocks` share an SM: a few warps fill its L1 data pipe."""
+    c = constants()
+    return max(1.0, c["Q4_WARPS"] * resident_blocks / c["Q4_L1_WARPS"])
 
 
 def simt_blocks(N: int, M: int, R: int, MT: int) -> int:
     """Thread blocks of one (R, MT) simt launch for an [M, K] x [N, K]^T product."""
-    return math.ceil(N / (SIMT_WARPS_PER_BLOCK * R)) * math.ceil(M / MT)
+    return math.ceil(N / (int(constants()["Q4_WARPS"]) * R)) * math.ceil(M / MT)
 
 
 def _busiest_sm_blocks(N: int, M: int, R: int, MT: int, sm_count: int, blocks_per_sm: int) -> float:

@@ -1,4 +1,6 @@
 """The Python launch model: the launcher's picks and the wave model's numbers."""
+import re
+
 import pytest
 
 from q4lab import launch
@@ -23,3 +25,25 @@ def test_wave_model():
     assert launch.wave_slowdown(512, 1, 65536, "sm_90") == pytest.approx(132 * 5 * 9 / (128 * 20))
     assert launch.wave_slowdown(4096, 1, 4096, "unknown_arch") is None
     assert launch.wave_slowdown(4096, 1, 4096, "unknown_arch", sm_count=64, blocks_per_sm=4) == 1.0
+
+
+def test_the_model_reads_its_constants_from_the_kernel_header(tmp_path):
+    c = launch.constants()
+    assert {"Q4_WARPS", "Q4_MODEL_GROUP", "Q4_ROW_NS_R1", "Q4_ROW_NS_R2", "Q4_ROW_NS_R4", "Q4_ACT_NS_16BIT",
+            "Q4_ACT_NS_F32", "Q4_PAIR_NS", "Q4_BLOCK_NS", "Q4_L1_WARPS"} <= set(c)
+    header = (launch.KERNEL_DIR / launch.LAUNCH_HEADER).read_text()
+    (tmp_path / launch.LAUNCH_HEADER).write_text(header.replace("Q4_ACT_NS_F32 = 275;", "Q4_ACT_NS_F32 = 300;"))
+    assert launch.constants(tmp_path)["Q4_ACT_NS_F32"] == 300 and c["Q4_ACT_NS_F32"] == 275
+    with pytest.raises(FileNotFoundError, match="Q4LAB_KERNELS"):
+        launch.constants(tmp_path / "none")
+
+
+def test_the_kernel_takes_its_model_from_the_header_alone():
+    # q4_simt_config names the header's constants; none of their values is written into it a second time
+    gemm = (launch.KERNEL_DIR / "q4_gemm.cu").read_text()
+    assert '#include "q4_launch.h"' in gemm
+    config = gemm[gemm.index("int q4_simt_config("):gemm.index("int q4_simt_blocks_per_sm(")]
+    for name in ("Q4_ROW_NS_R1", "Q4_ROW_NS_R2", "Q4_ROW_NS_R4", "Q4_ACT_NS_F32", "Q4_ACT_NS_16BIT", "Q4_PAIR_NS",
+                 "Q4_BLOCK_NS", "Q4_L1_WARPS", "Q4_MODEL_GROUP"):
+        assert name in config
+    assert not re.search(r"\b(100|140|190|275|1024\.0|9\.0)\b", config)
