@@ -1,8 +1,9 @@
-// q4_port.h: the only place that knows which vendor it is compiled for.
+// q4_port.h: where the vendor a kernel is compiled for is decided (Q4_AMD / Q4_NVIDIA).
 //
 // Every kernel in kernels/ is plain CUDA C++ that includes this header; hipcc (AMD, wave32 RDNA or wave64
 // CDNA) and nvcc (NVIDIA) both build it. What differs per vendor lives here: the wavefront width, the
-// cross-lane reduction, the cache hints on loads, and the error/stream types of the C interface.
+// cross-lane reduction, the cache hints on loads, and the error/stream types of the C interface. The one
+// other vendor branch is q4_decode.h's table lookup, which each vendor's byte-permute instruction shapes.
 #pragma once
 #include <stdint.h>
 
