@@ -214,3 +214,18 @@ def test_gfx1100_fused_kernel_multiplies_fp16_with_dot2(gfx1100_asm):
     assert "v_dot2" not in bf16
     for body in (fp16, bf16):
         assert body.count("v_perm_b32") == 64, body.count("v_perm_b32")  # one a weight of the 64
+
+
+def test_info_names_hipccs_own_version_and_no_cuda_library_for_amd(tmp_path, monkeypatch):
+    hipcc = tmp_path / "hipcc"  # Debian's hipcc without an AMD GPU drives nvcc and prints its version too
+    hipcc.write_text("#!/bin/sh\necho 'HIP version: 5.2.21153-0'\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+                     "echo 'Build cuda_13.0.r13.0/compiler.36424714_0'\n")
+    hipcc.chmod(0o755)
+    assert kernels.compiler_version(hipcc) == "HIP version: 5.2.21153-0"
+    monkeypatch.delenv("Q4LAB_LIB", raising=False)
+    monkeypatch.setattr(kernels, "build_vendor", lambda: "rocm")
+    monkeypatch.setattr(kernels, "find_compiler", lambda vendor: hipcc if vendor == "rocm" else None)
+    monkeypatch.setattr(kernels, "gpu_arch", lambda device=None: None)
+    facts = kernels.info()
+    assert facts["hipcc"] == f"{hipcc} (HIP version: 5.2.21153-0)" and facts["nvcc"] == "not found"
+    assert "sm_" not in facts["library"] and "--arch gfx1100" in facts["library"]
