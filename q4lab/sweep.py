@@ -9,8 +9,9 @@ How a sweep measures:
   is logged as an error and the point is not timed.
 - A chunk is measured in `rounds` interleaved rounds; round r visits the chunk's points (or, with
   `interleave_ms=False`, one M's points at a time) in an order rotated by r, so drift hits every impl
-  alike. A point's time is the median of its round medians, its spread (max - min) / median of them. A point whose spread exceeds `tol` is measured again (a fresh set
-  of rounds, at most `max_remeasure` times); one that never settles is kept with `stable=False`.
+  alike. A point's time is the median of its round medians, its spread (max - min) / median of them. A
+  point whose spread exceeds `tol` is measured again (a fresh set of rounds, at most `max_remeasure`
+  times); one that never settles is kept with `stable=False`.
 - Every round is in the log as soon as it is taken (q4lab.runlog): a killed sweep resumes where it
   stopped when run again with the same log; `runlog.compact` turns logs into the dataset. One sweep at
   a time appends to a log: a second is refused, naming the first (q4lab.writer_lock).
