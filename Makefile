@@ -1,6 +1,6 @@
 # q4lab. Each target first runs scripts/setup.sh, which builds .venv (a no-op when it is up to date).
 #   make report   run every notebook through papermill into reports/index.html
-#   make test     also apt-get install what the tests use (hipcc, chromium), then run the whole test suite
+#   make test     also apt-get install what the tests use (hipcc, clang-19, chromium), then run the whole test suite
 #   make lab      JupyterLab on notebooks/, with .venv as the kernel
 # Variables: PYTHON (the interpreter .venv is made from; its torch is reused), PORT (make lab),
 #            PYTEST_ARGS (e.g. make test PYTEST_ARGS="-m 'not browser' -x").

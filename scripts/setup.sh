@@ -3,7 +3,8 @@
 #
 #   scripts/setup.sh            create/update .venv (a no-op while pyproject.toml, this script and PYTHON are unchanged)
 #   scripts/setup.sh --system   also apt-get install the Debian packages the tests use: hipcc, libamdhip64-dev
-#                               (the HIP build checks) and chromium (the browser tests)
+#                               (the HIP build checks), clang-19 (the AMD assembly of targets hipcc 5.2 does not
+#                               know, and `q4lab resources`) and chromium (the browser tests)
 #
 # PYTHON (default python3) is the interpreter .venv is made from. If it can import torch (your CUDA or ROCm
 # build), .venv reuses that torch and pip is pinned to it, so it is never replaced; otherwise .venv gets the
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
 CPU_TORCH_VERSION=2.13.0
-SYSTEM_PACKAGES=(hipcc libamdhip64-dev chromium)
+SYSTEM_PACKAGES=(hipcc libamdhip64-dev clang-19 chromium)
 STAMP="$VENV/.q4lab-setup-stamp"     # the hash of what the venv was last set up from
 TORCH_PIN="$VENV/q4lab-torch-pin.txt" # pip constraint: the torch .venv has, so no install may replace it
 REUSE_PTH=q4lab-reuse-torch.pth       # in .venv's site-packages: the directory holding the reused torch
@@ -38,7 +39,7 @@ install_system_packages() {
         say "system packages present: ${SYSTEM_PACKAGES[*]}"
         return
     fi
-    local why="the tests that need them (HIP builds, the browser tests) will be SKIPPED."
+    local why="the tests that need them (HIP builds, AMD assembly, the browser tests) will be SKIPPED."
     if ! command -v apt-get >/dev/null; then
         loud_warning "apt-get not found, cannot install ${missing[*]}; $why"
         return

@@ -79,7 +79,7 @@ def test_setup_warns_loudly_and_goes_on_when_apt_fails(tmp_path):
         fake.chmod(0o755)
     result = run(["scripts/setup.sh", "--system"], env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
     assert result.returncode == 0, result.stderr
-    assert "WARNING: apt-get could not install hipcc libamdhip64-dev chromium" in result.stderr
+    assert "WARNING: apt-get could not install hipcc libamdhip64-dev clang-19 chromium" in result.stderr
     assert "will be SKIPPED" in result.stderr
     assert "setup: .venv is up to date" in result.stdout
 
