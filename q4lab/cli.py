@@ -1,5 +1,6 @@
-"""`q4lab info | build | shapes | sweep | dispatch | report`: each command's options and work live in the
-module that owns it (`kernels`, `shapes`, `sweep_cli`, `dispatch`, `report`); this file only wires them to argparse."""
+"""`q4lab info | build | resources | shapes | sweep | dispatch | report`: each command's options and work
+live in the module that owns it (`kernels`, `amd_asm`, `shapes`, `sweep_cli`, `dispatch`, `report`); this
+file only wires them to argparse."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import sys
 COMMANDS = {
     "info": ("q4lab.kernels", "torch, vendor, GPU, compilers and where kernels are built"),
     "build": ("q4lab.kernels", "build the kernel library for this (or a named) GPU arch"),
+    "resources": ("q4lab.amd_asm", "each kernel instance's registers, LDS, spills and waves per SIMD on AMD targets"),
     "shapes": ("q4lab.shapes", "list the canonical shapes (name, family, N, K, model)"),
     "sweep": ("q4lab.sweep_cli", "measure M grids and N sweeps into a raw log and a parquet dataset"),
     "dispatch": ("q4lab.dispatch", "fit the rule impl='auto' follows to datasets (q4lab dispatch fit DATA --out RULE.json)"),

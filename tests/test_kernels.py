@@ -1,10 +1,14 @@
 """The kernel library: nvcc builds it for the CI archs and q4lab loads it without a GPU; hipcc compiles every
-kernel for AMD targets and the fused kernel's gfx1100 reduction uses DPP; every failure says what to do."""
+kernel for AMD targets and the fused kernel's gfx1100 reduction uses DPP; clang-19 compiles every kernel to
+assembly for the AMD targets hipcc 5.2 does not know, and `q4lab resources` reads their registers and waves
+from it; every failure says what to do."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +18,7 @@ import pytest
 import torch
 
 import q4lab
-from q4lab import kernels
+from q4lab import amd_asm, kernels
 
 CI_TARGETS = ("sm_80", "sm_89", "sm_90")
 HIP_OBJECT_TARGETS = ("gfx1030", "gfx90a", "gfx940")
@@ -190,10 +194,15 @@ def gfx1100_asm(tmp_path_factory) -> str:
     return text
 
 
-def fused_body(asm: str, dtype: int, rows_per_warp: int) -> str:
-    """One simt instance's body (MT=1, not nested, interleaved), up to its end marker."""
-    start = asm.index(f"_Z14q4_gemm_kernelILi{dtype}ELi{rows_per_warp}ELi1ELb0ELb1EEvPKv9Q4WeightsS1_Pvi:")
+def kernel_body(asm: str, symbol: str) -> str:
+    """One kernel's code in an AMD assembly file, from its label to its end marker."""
+    start = asm.index(f"\n{symbol}:")
     return asm[start:asm.index(".Lfunc_end", start)]
+
+
+def fused_body(asm: str, dtype: int, rows_per_warp: int) -> str:
+    """One simt instance's body (MT=1, not nested, interleaved)."""
+    return kernel_body(asm, f"_Z14q4_gemm_kernelILi{dtype}ELi{rows_per_warp}ELi1ELb0ELb1EEvPKv9Q4WeightsS1_Pvi")
 
 
 def test_gfx1100_fused_kernel_reduces_with_dpp(gfx1100_asm):
@@ -229,3 +238,142 @@ def test_info_names_hipccs_own_version_and_no_cuda_library_for_amd(tmp_path, mon
     facts = kernels.info()
     assert facts["hipcc"] == f"{hipcc} (HIP version: 5.2.21153-0)" and facts["nvcc"] == "not found"
     assert "sm_" not in facts["library"] and "--arch gfx1100" in facts["library"]
+
+
+# clang-19: the AMD targets' device assembly (q4lab/amd_asm.py)
+
+@pytest.fixture(scope="module")
+def amd_assembly(tmp_path_factory) -> tuple[dict[tuple[str, str], Path], Path]:
+    """({(target, source): assembly path} for every kernels/*.cu and AMD target, the cache they are in)."""
+    need(amd_asm.CLANG)
+    cache = tmp_path_factory.mktemp("amdcache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("Q4LAB_CACHE", str(cache))
+        return amd_asm.assembly(amd_asm.AMD_TARGETS), cache
+
+
+@pytest.fixture(scope="module")
+def amd_kernels(amd_assembly) -> list[tuple[amd_asm.KernelResources, str]]:
+    """(resources, code) of every kernel instance on every AMD target."""
+    out = []
+    for (target, source), path in amd_assembly[0].items():
+        asm = path.read_text()
+        out += [(k, kernel_body(asm, k.symbol)) for k in amd_asm.parse(asm, target, source)]
+    return out
+
+
+@pytest.mark.slow
+def test_clang19_compiles_every_kernel_for_the_amd_targets_calling_no_library(amd_assembly):
+    """Every kernels/*.cu for gfx1100, gfx1201, gfx1151 and gfx942; no kernel calls out (s_swappc), so
+    the register counts are the kernel's own and not a callee's guess (amd_asm.OCKL_SHIM)."""
+    sources = sorted(f.name for f in kernels.KERNEL_DIR.glob("*.cu"))
+    assert sorted(amd_assembly[0]) == sorted((t, s) for t in amd_asm.AMD_TARGETS for s in sources)
+    for (target, source), path in amd_assembly[0].items():
+        asm = path.read_text()
+        assert f'.amdgcn_target "amdgcn-amd-amdhsa--{target}' in asm
+        assert "s_swappc" not in asm, f"{source} for {target} calls a function"
+
+
+@pytest.mark.slow
+def test_amd_simt_reductions_keep_dpp(amd_kernels):
+    """q4_warp_sum's first four steps are DPP row rotations (q4_port.h) in every fused instance, wave32 and
+    wave64, never a ds_bpermute or ds_swizzle in their place."""
+    fused = [(k, body) for k, body in amd_kernels if k.name.startswith("q4_gemm_kernel")]
+    assert {k.target for k, _ in fused} == set(amd_asm.AMD_TARGETS)
+    for k, body in fused:
+        for shift in (8, 4, 2, 1):
+            assert f"row_ror:{shift}" in body, (k.target, k.name, shift)
+
+
+@pytest.mark.slow
+def test_amd_fp16_kernels_multiply_with_dot2_where_the_target_has_it(amd_kernels):
+    guard = re.search(r"#if defined\(Q4_AMD\) && \((.*?)\)\n#define Q4_DOT2_F16 1",
+                      (kernels.KERNEL_DIR / "q4_port.h").read_text(), re.S).group(1)
+    with_dot2 = set(re.findall(r"__(gfx\w+)__", guard))
+    assert with_dot2 >= set(amd_asm.AMD_TARGETS)
+    fused = [(k, body) for k, body in amd_kernels if k.name.startswith("q4_gemm_kernel")]
+    for k, body in fused:
+        fp16 = "DT=fp16" in k.name
+        assert ("v_dot2" in body) == fp16, (k.target, k.name)
+
+
+@pytest.mark.slow
+def test_amd_waves_per_simd_match_the_compilers_own(amd_kernels):
+    """amd_asm's register-file and LDS tables give every instance the occupancy LLVM itself noted."""
+    for k, _ in amd_kernels:
+        assert amd_asm.waves_per_simd(k)[0] == k.compiler_occupancy, (k.target, k.name, k.vgprs)
+
+
+@pytest.mark.slow
+def test_amd_spills_are_only_the_launch_bounded_gfx942_instances(amd_kernels):
+    """No instance spills on the RDNA targets. On gfx942 the MT=1 instances' launch bounds (4 blocks a CU,
+    q4_gemm.cu) hold them to 512 / 4 = 128 VGPRs, and those that need more spill to scratch; every other
+    instance fits (some keep values in AGPRs, no scratch)."""
+    for k, _ in amd_kernels:
+        if k.target != "gfx942":
+            assert (k.vgpr_spills, k.sgpr_spills, k.scratch_bytes) == (0, 0, 0), (k.target, k.name)
+    spilled = [k for k, _ in amd_kernels if k.target == "gfx942" and k.scratch_bytes]
+    assert spilled, "gfx942 no longer spills: update this test and README's Kernels section"
+    for k in spilled:
+        assert k.vgprs == 128 and "MT=1," in k.name, (k.name, k.vgprs)
+
+
+@pytest.mark.slow
+def test_amd_mma_kernel_uses_the_matrix_instructions(amd_kernels):
+    """Where kernels/q4_mma.cu has an AMD form (WMMA builtins on gfx11/gfx12, MFMA on gfx9), its assembly
+    holds the matrix instruction."""
+    mma = kernels.KERNEL_DIR / "q4_mma.cu"
+    if not mma.exists():
+        pytest.skip("kernels/q4_mma.cu does not exist")
+    source = mma.read_text()
+    forms = {"v_wmma_": ("gfx1100", "gfx1201", "gfx1151")} if "__builtin_amdgcn_wmma" in source else {}
+    if "__builtin_amdgcn_mfma" in source:
+        forms["v_mfma_"] = ("gfx942",)
+    if not forms:
+        pytest.skip("q4_mma.cu has no WMMA or MFMA form: its AMD build is SIMT or a stub")
+    for instruction, targets in forms.items():
+        for target in targets:
+            bodies = [body for k, body in amd_kernels if k.target == target and k.source == "q4_mma.cu"]
+            assert any(instruction in body for body in bodies), (target, instruction)
+
+
+@pytest.mark.slow
+def test_cli_resources_prints_one_row_per_kernel_instance(amd_assembly):
+    paths, cache = amd_assembly
+    result = subprocess.run([sys.executable, "-m", "q4lab", "resources", "--arch", "gfx1201,gfx942"],
+                            capture_output=True, text=True, env={**os.environ, "Q4LAB_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr
+    tables = dict(re.findall(r"^## (gfx\w+): .*\n\n((?:\|.*\n)+)", result.stdout, re.M))
+    assert sorted(tables) == ["gfx1201", "gfx942"]
+    for target, text in tables.items():
+        header, _, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()]
+        assert header == list(amd_asm.TABLE_COLUMNS)
+        kernels_in_asm = sum(p.read_text().count(".amdhsa_kernel ") for (t, _), p in paths.items() if t == target)
+        assert len(rows) == kernels_in_asm and len({r[0] for r in rows}) == len(rows)
+        max_waves = amd_asm.ARCHS[target].max_waves_per_simd
+        for row in rows:
+            *counts, waves = map(int, row[1:9])  # VGPRs .. SGPR spills are whole numbers
+            assert min(counts) >= 0 and 1 <= waves <= max_waves and row[9] in ("vgprs", "sgprs", "lds", "max")
+        assert "q4_gemm_kernel<DT=bf16,R=4,MT=8,NESTED=0,INTERLEAVED=1>" in {r[0] for r in rows}
+
+
+def test_amd_waves_per_simd_take_the_tightest_limit():
+    """VGPRs in allocation blocks, gfx9's shared SGPR file, and LDS shared by a CU's/WGP's SIMDs."""
+    k = amd_asm.KernelResources(target="gfx942", source="x.cu", symbol="k", name="k", vgprs=100, agprs=0,
+                                sgprs=30, lds_bytes=0, scratch_bytes=0, vgpr_spills=0, sgpr_spills=0, wave_size=64,
+                                block_threads=256, compiler_occupancy=0)
+    assert amd_asm.waves_per_simd(k) == (4, "vgprs")  # 100 -> 104 registers, 512 // 104
+    assert amd_asm.waves_per_simd(dataclasses.replace(k, vgprs=8)) == (8, "max")
+    assert amd_asm.waves_per_simd(dataclasses.replace(k, vgprs=8, sgprs=102)) == (7, "sgprs")
+    # 20 KiB a block: 3 blocks of 4 waves on a 64 KiB CU of 4 SIMDs
+    assert amd_asm.waves_per_simd(dataclasses.replace(k, vgprs=8, lds_bytes=20 * 1024)) == (3, "lds")
+    rdna = dataclasses.replace(k, target="gfx1201", wave_size=32, block_threads=128, sgprs=102)
+    assert amd_asm.waves_per_simd(rdna) == (12, "vgprs")  # 100 -> 120 registers, 1536 // 120; SGPRs a wave's own
+
+
+def test_amd_resources_without_clang_or_with_an_unknown_target_say_what_to_do(monkeypatch):
+    with pytest.raises(kernels.KernelError, match="unknown AMD target gfx906: use gfx1100"):
+        amd_asm.assembly(("gfx906",))
+    monkeypatch.setattr(amd_asm.shutil, "which", lambda name: None)
+    with pytest.raises(kernels.KernelError, match="apt-get install clang-19 libamdhip64-dev"):
+        amd_asm.assembly(("gfx1201",))
