@@ -29,6 +29,7 @@ EXAMPLES = """examples:
   q4lab sweep grid --shapes all --dtypes fp16,bf16 --out runs/mygpu.parquet
   q4lab sweep nsweep --k 4096 --m 1,8 --out runs/mygpu_nsweep.parquet
   q4lab info                                     torch, GPU, compilers; what this machine can do
+  q4lab resources --arch gfx1201                 each kernel's VGPRs, spills and waves per SIMD on an AMD target
 
 q4lab COMMAND --help explains each command's options."""
 
