@@ -157,10 +157,14 @@ def _ms(ms) -> tuple[int, ...]:
 def _validate(plan: Plan, rounds: int, tol: float, max_remeasure: int) -> None:
     if plan.blocksize not in formats.BLOCKSIZES:
         raise SweepError(f"blocksize {plan.blocksize}: use one of {formats.BLOCKSIZES}")
-    bad = sorted({f"{s.name} (K={s.K})" for c in plan.chunks for s in c.shapes if s.K % plan.blocksize})
-    if bad:
-        raise SweepError(f"K is not a multiple of blocksize {plan.blocksize} for {', '.join(bad)}: "
-                         f"choose a blocksize that divides K, or leave these shapes out")
+    bad = list(dict.fromkeys(s for c in plan.chunks for s in c.shapes if s.K % plan.blocksize))
+    if bad:  # an N sweep brings hundreds of shapes: name a few, and what would fit their K
+        named = ", ".join(f"{s.name} (K={s.K})" for s in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        fits = "; ".join(f"K={K}: " + (", ".join(str(b) for b in formats.BLOCKSIZES if K % b == 0) or
+                                       f"none, K must be a multiple of {formats.BLOCKSIZES[0]}")
+                         for K in sorted({s.K for s in bad})[:3])
+        raise SweepError(f"K is not a multiple of blocksize {plan.blocksize} for {len(bad)} shape(s): {named}. "
+                         f"Blocksizes that divide K: {fits}. Pick one (--blocksize), or leave these shapes out")
     if rounds < 1 or max_remeasure < 0 or tol <= 0:
         raise SweepError(f"need rounds >= 1, max_remeasure >= 0, tol > 0; got {rounds}, {max_remeasure}, {tol}")
 

@@ -119,7 +119,20 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     comp.add_argument("--out", type=Path, required=True, help="parquet dataset to write")
 
 
+def _writable(path: Path, option: str) -> None:
+    """Refuse, before anything is measured, a path the results could not be written to."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SweepError(f"{option} {path}: cannot create its folder ({err.strerror}: {err.filename}); give a file path in a "
+                         f"folder you can write to") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise SweepError(f"{option} {path}: {'that is a folder' if path.is_dir() else 'its folder is read-only'}; "
+                         f"give a file path in a folder you can write to")
+
+
 def sweep_command(args: argparse.Namespace) -> int:
+    _writable(args.out, "--out")
     if args.sweep_command == "compact":
         frame = compact(args.logs, args.out)
         print(f"{args.out}: {frame.height} rows")
@@ -135,6 +148,7 @@ def sweep_command(args: argparse.Namespace) -> int:
                                           n_step=args.n_step, impls=args.impls, dtypes=args.dtypes,
                                           quant_type=args.quant_types, **common)
     log = args.log or args.out.with_suffix(".jsonl")
+    _writable(log, "--log")
     gpus = gpu_list(args.gpus)
     if gpus is not None and len(gpus) > 1:
         logs = run_on_gpus(func, kwargs, gpus, log)

@@ -1,5 +1,6 @@
-"""Fault injection: a CPU sweep killed with SIGKILL at random moments, again and again, and resumed each
-time, ends with exactly the points of an uninterrupted run: none lost, none taken twice."""
+"""Faults and hostile input around a sweep: killed with SIGKILL at random moments and resumed, it ends
+with exactly the points of an uninterrupted run; a second sweep on a held log is refused; damaged log
+lines are skipped by name; unusable paths and impossible shapes are refused before anything is measured."""
 import json
 import os
 import random
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from q4lab import bench, runlog, sweep, writer_lock
+from q4lab import bench, cli, runlog, sweep, writer_lock
 from q4lab.shapes import Shape
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,3 +156,29 @@ def test_a_log_with_damaged_lines_resumes_and_compacts(sound_log, tmp_path, monk
         rounds = _rounds(log)
     assert resumed.height == compacted.height == 2 * 3 * 2 and (compacted["rounds"] == 2).all()
     assert len(rounds) == len(set(rounds)) == 2 * 3 * 2 * 2  # the lost round taken once more, no other
+
+
+def test_an_unusable_out_or_log_is_refused_before_measuring(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    args = ["sweep", "grid", "--shapes", "qwen3-30b-a3b.expert_up", "--m", "1", "--dtypes", "fp32", "--impls",
+            "dense", "--rounds", "1", "--no-progress"]
+    for flags, message in [(["--out", str(a_file / "d.parquet")], f"--out {a_file / 'd.parquet'}: cannot create "
+                                                                   f"its folder (File exists: {a_file})"),
+                           (["--out", str(tmp_path)], f"--out {tmp_path}: that is a folder"),
+                           (["--out", str(tmp_path / "d.parquet"), "--log", str(tmp_path)],
+                            f"--log {tmp_path}: that is a folder")]:
+        assert cli.main(args + flags) == 2
+        assert f"q4lab sweep: error: {message}; give a file path" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing measured, nothing written
+
+
+def test_a_k_no_blocksize_divides_is_refused_in_a_few_words(capsys):
+    assert cli.main(["sweep", "nsweep", "--k", "100", "--impls", "dense", "--out", "never.parquet"]) == 2
+    err = capsys.readouterr().err
+    assert ("K is not a multiple of blocksize 64 for 249 shape(s): n512_k100 (K=100), n576_k100 (K=100), "
+            "n640_k100 (K=100), .... Blocksizes that divide K: K=100: none, K must be a multiple of 32.") in err
+    assert len(err) < 400
+    assert cli.main(["sweep", "nsweep", "--k", "96", "--impls", "dense", "--out", "never.parquet"]) == 2
+    assert "Blocksizes that divide K: K=96: 32. Pick one (--blocksize)" in capsys.readouterr().err
+    assert not Path("never.parquet").exists()
