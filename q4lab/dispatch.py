@@ -30,6 +30,7 @@ import polars as pl
 
 from q4lab import dataset
 from q4lab.analysis import GRID_SWEEPS, POINT, _points
+from q4lab.shapes import MODELS, model_layers
 
 RULE_KINDS = ("single", "per_dtype", "shape")
 NOT_DISPATCHED = ("dense", "reference", "bnb")  # not 4-bit impls of this package: candidates only when named
@@ -295,13 +296,18 @@ def _at(m: np.ndarray, t: np.ndarray, M: int) -> float | None:
     return float(np.exp(np.interp(math.log(M), np.log(m), np.log(t))))
 
 
+def measured_models(df: pl.DataFrame) -> list[str]:
+    """The models of `shapes.MODELS` whose every weight shape `df`'s grid holds, in that order."""
+    held = set(df.filter(pl.col("sweep").is_in(GRID_SWEEPS))["shape"].unique().to_list())
+    return [m for m in MODELS if all(s.name in held for s, _ in model_layers(m))]
+
+
 def rollup(df: pl.DataFrame, rule: Rule, model: str, ms=(1, 8, 64)) -> pl.DataFrame:
     """One decode step of `model` (every weight of `shapes.model_layers` once) at each batch size in `ms`,
     per (device, dtype, quant_type): `step_us` per impl measured on all its shapes, for `auto` (the rule's
     impl per weight) and `best` (the fastest of the rule's impls per weight); `speedup_vs_dense` = dense's
     step / this step (above 1: faster than the unquantized weight). Between measured M each time is interpolated in log-log space (`interpolated`); an
     impl not measured up to M has no step time there."""
-    from q4lab.shapes import model_layers  # shapes is a leaf module; here only the roll-up needs it
     layers = model_layers(model)
     names = [s.name for s, _ in layers]
     grid = df.filter(pl.col("sweep").is_in(GRID_SWEEPS), pl.col("shape").is_in(names))

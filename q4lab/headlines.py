@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from q4lab import analysis, tables
+from q4lab import analysis, dispatch, tables
 
 
 def _config(row: dict) -> str:
@@ -59,6 +59,47 @@ def resonance(families: pl.DataFrame) -> list[str]:
     return lines
 
 
+def dispatch_regret(cross_validated: pl.DataFrame, folds: str = "family") -> list[str]:
+    """`dispatch.cross_validate(..., by=("device", "kind"))` as one sentence per device."""
+    lines = []
+    for (device,), g in cross_validated.group_by("device", maintain_order=True):
+        kinds = "; ".join(f"{r['kind']} {r['mean']:.3f}× mean, {r['p95']:.2f}× p95, {r['worst']:.2f}× worst"
+                          for r in g.iter_rows(named=True))
+        held_out = "shape families" if folds == "family" else "shapes"
+        lines.append(f"{device}: regret of each rule kind on held-out {held_out} (time of its pick / the fastest "
+                     f"impl, over {g['n_points'].max()} points): {kinds}")
+    return lines
+
+
+def dispatch_rollup(rolled: pl.DataFrame) -> list[str]:
+    """`dispatch.rollup` as one sentence per (device, dtype, batch size): auto against dense and the best."""
+    lines = []
+    for key, g in rolled.group_by("device", "dtype", "quant_type", "model", "M", maintain_order=True):
+        device, dtype, quant_type, model, M = key
+        step = {r["impl"]: r for r in g.iter_rows(named=True)}
+        auto, dense, best = step["auto"], step.get("dense"), step["best"]
+        if auto["step_us"] is None or not dense or dense["step_us"] is None:
+            lines.append(f"{quant_type.upper()} {model} at batch {M} on {device} ({dtype}): not measured up to M={M}")
+            continue
+        how = "interpolated in log-log space between measured batch sizes" if auto["interpolated"] else "measured"
+        lines.append(f"{quant_type.upper()} {model} at batch {M} on {device} ({dtype}): auto "
+                     f"{auto['speedup_vs_dense']:.2f}× the speed of dense ({auto['step_us'] / 1e3:.3g} ms against "
+                     f"{dense['step_us'] / 1e3:.3g} ms a decode step of {auto['weights']} weights, {how}); the "
+                     f"per-weight best of its impls {best['speedup_vs_dense']:.2f}×")
+    return lines
+
+
+def dispatch_findings(frame: pl.DataFrame, batch=(1, 8)) -> list[str]:
+    """The index's dispatch findings: held-out regret per rule kind, and the decode step at `batch` of the
+    first model whose every weight was measured, under the shape rule fitted on all of `frame`."""
+    grid = frame.filter(pl.col("sweep").is_in(analysis.GRID_SWEEPS))
+    lines = dispatch_regret(dispatch.cross_validate(grid, by=("device", "kind")))
+    models = dispatch.measured_models(grid)
+    if not models:
+        return lines + [f"no model roll-up: no model of {sorted(dispatch.MODELS)} has every weight measured"]
+    return lines + dispatch_rollup(dispatch.rollup(grid, dispatch.fit(grid), models[0], batch))
+
+
 def by_question(frame: pl.DataFrame, summary: pl.DataFrame | None = None) -> dict[str, list[str]]:
     """Each question's headline sentences; a question the data cannot answer says why instead.
     `summary`: analysis.crossover_summary(frame) when the caller has it already."""
@@ -67,6 +108,7 @@ def by_question(frame: pl.DataFrame, summary: pl.DataFrame | None = None) -> dic
             analysis.crossover_summary(frame) if summary is None else summary),
         "Camping outliers": lambda: camping(analysis.camping_floors(frame)),
         "N-resonance": lambda: resonance(analysis.resonance(frame)[1]),
+        "Dispatch rules (held-out regret) and a model's decode step": lambda: dispatch_findings(frame),
     }
     found = {}
     for title, answer in questions.items():

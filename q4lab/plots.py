@@ -452,7 +452,7 @@ def device_ratio(comparison: pl.DataFrame) -> go.Figure:
 def dispatch_regret(regrets: pl.DataFrame, dtype: str, title: str = "") -> go.Figure:
     """`dispatch.regret` per shape (rows) and batch size M (columns), a panel per device: colour is the
     regret (time of the chosen impl / the best one, 2x and more in the darkest red); a cell where the rule
-    missed reads `chosen → best`, and hovering it gives both times."""
+    missed reads its regret, and hovering any cell names both impls with their times."""
     rows = _nonempty(regrets.filter(pl.col("dtype") == dtype), "dispatch regret", f"no points for dtype {dtype!r}")
     devices = _devices(rows)
     shapes = rows.select("shape", "N", "K").unique().sort("N", "K", "shape")["shape"].to_list()
@@ -465,7 +465,7 @@ def dispatch_regret(regrets: pl.DataFrame, dtype: str, title: str = "") -> go.Fi
         for r in rows.filter(pl.col("device") == device).iter_rows(named=True):
             i, j = shapes.index(r["shape"]), ms.index(r["M"])
             z[i, j] = r["regret"] if r["regret"] is not None else np.nan
-            text[i, j] = "" if r["chosen"] == r["best"] else f"{r['chosen']} → {r['best']}"
+            text[i, j] = "" if r["chosen"] == r["best"] or r["regret"] is None else f"{r['regret']:.2f}"
             hover[i, j] = (f"chosen {r['chosen']}: {r['time_chosen_us'] or float('nan'):.4g} µs<br>"
                            f"best {r['best']}: {r['time_best_us']:.4g} µs<br>regret {z[i, j]:.3f}×")
         fig.add_trace(go.Heatmap(z=z, x=[str(m) for m in ms], y=shapes, text=text, customdata=hover,

@@ -11,7 +11,7 @@ import pytest
 from papermill.exceptions import PapermillExecutionError
 from plotly.offline import get_plotlyjs
 
-from q4lab import analysis, dataset, notebook_io as nbio, report
+from q4lab import analysis, dataset, dispatch, notebook_io as nbio, report
 from q4lab.synthetic import NSWEEP, synthetic_dataset
 
 REPO = nbio.REPO
@@ -22,6 +22,7 @@ SMALL = {  # small parameters: the runs stay quick, and what they show is known
     "camping_outliers": {"z_threshold": 3.5, "live": True},  # no GPU here: it must say so and use the data
     "n_resonance": {"n_start": 2048, "n_stop": 12288},
     "shape_probe": {"N": 14336, "impls": ["simt", "dequant_blas"]},
+    "dispatch": {"dtypes": ["fp16"], "kinds": ["single", "shape"], "model": "llama-3-70b", "batch": [1, 3, 8]},
 }
 BAD = {  # run name -> (notebook, parameters)
     "unknown": ("camping_outliers", {"z_treshold": 5.0}),
@@ -146,6 +147,27 @@ def test_shape_probe_shows_the_widget_and_a_static_snapshot(runs):
     (snapshot,) = _outputs(notebook, "application/vnd.plotly.v1+json")
     assert "llama-3-8b.up_proj (N=14336, K=4096): measured" in snapshot
     assert "simt · " in snapshot and "gemv · " not in snapshot
+
+
+@pytest.mark.slow
+def test_dispatch_records_held_out_regret_transfer_and_the_roll_up(runs, synthetic):
+    frame, _ = synthetic
+    notebook, out = _ran(runs, "dispatch"), runs["_out"] / "dispatch"
+    grid = frame.filter(pl.col("sweep") == "grid", pl.col("dtype") == "fp16")
+    recorded = pl.read_parquet(out / "dispatch_regret.parquet")
+    expected = dispatch.cross_validate(grid, ["single", "shape"], by=("device", "dtype", "kind"))
+    assert recorded.sort("device", "kind").equals(expected.sort("device", "kind"))
+    h100 = {r["kind"]: r for r in recorded.iter_rows(named=True) if r["device"].startswith("NVIDIA")}
+    assert h100["shape"]["mean"] < h100["single"]["mean"]
+    transfer = pl.read_parquet(out / "dispatch_transfer.parquet")
+    assert transfer.height == 2 * 2 * 2  # kinds x fitted on x scored on
+    rolled = pl.read_parquet(out / "dispatch_rollup.parquet")
+    assert rolled.filter(pl.col("M") == 3)["interpolated"].all() and not rolled.filter(pl.col("M") == 8)["interpolated"].any()
+    rule = dispatch.fit(grid, kind="shape")
+    assert rolled.equals(dispatch.rollup(grid, rule, "llama-3-70b", [1, 3, 8]))
+    html = "".join(_outputs(notebook, "text/html"))
+    assert "NF4 llama-3-70b at batch 3 on NVIDIA H100 80GB HBM3 (synthetic) (fp16): auto" in html
+    assert "interpolated in log-log space between measured batch sizes" in html
 
 
 @pytest.mark.parametrize("run, error, name, kind", [

@@ -180,7 +180,8 @@ def test_report_parameters_go_to_one_notebook_or_every_one_that_takes_them():
     found = report.parse_parameters(["crossover.dtypes=fp32", "n_resonance.K=8192", "z_threshold=5",
                                      "dtypes=[fp16, bf16]"], report.NOTEBOOKS)
     assert found == {"crossover": {"dtypes": ["fp16", "bf16"]}, "n_resonance": {"K": 8192, "dtypes": ["fp16", "bf16"]},
-                     "camping_outliers": {"z_threshold": 5, "dtypes": ["fp16", "bf16"]}}  # the later -p wins
+                     "camping_outliers": {"z_threshold": 5, "dtypes": ["fp16", "bf16"]},
+                     "dispatch": {"dtypes": ["fp16", "bf16"]}}  # the later -p wins
     assert report.parse_parameters([], report.NOTEBOOKS) == {}
 
 
