@@ -31,7 +31,7 @@ import jinja2
 import polars as pl
 import yaml
 
-from q4lab import analysis, dataset, headlines, plots, provenance, writer_lock
+from q4lab import analysis, dataset, headlines, plots, provenance, tables, writer_lock
 from q4lab.notebook_io import REPO, _matches, _type_name, describe, gpu_missing_reason, resolve
 
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -165,14 +165,14 @@ def write_index(out_dir: Path, results: list[NotebookResult], frame: pl.DataFram
     synthetic = frame.filter(pl.col("timer") == "synthetic")["device"].unique().sort().to_list()
     banner = (f'<p class="failed">Synthetic data ({html.escape(", ".join(synthetic))}): model numbers with planted '
               f"effects from q4lab.synthetic, not measurements.</p>" if synthetic else "")
-    with pl.Config(fmt_str_lengths=80, tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True):
-        provenance = describe(frame)._repr_html_()
+    origins = tables.static_html(describe(frame))
     files = "".join(f"<li><code>{html.escape(str(p.relative_to(REPO) if p.is_relative_to(REPO) else p))}</code></li>"
                     for p in data_files)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>q4lab reports</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}}
-.failed{{color:#b71c1c;font-weight:bold}} code{{background:#f3f3f3}} table{{font-size:85%}}</style></head>
+.failed{{color:#b71c1c;font-weight:bold}} code{{background:#f3f3f3}} table{{font-size:85%;border-collapse:collapse}}
+td,th{{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}}</style></head>
 <body><h1>q4lab reports</h1>{banner}{header}
 <p>Fused 4-bit dequantize+GEMM kernels at inference batch sizes: crossovers, latency floors, N-resonance.</p>
 <h2>Reports</h2><ul>{links}</ul>

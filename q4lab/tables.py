@@ -6,6 +6,7 @@
 - `device_pair`, `device_comparison`, `crossover_shift`: device B against device A, per shape and M,
   and how each shape's M* moves.
 - `model_excess`: how far each device's M=1 times sit above its bandwidth model, over all shapes.
+- `static_html`: a plain table for a page without scripts.
 - `show`: an interactive table (itables: sortable, searchable, paged with a total; its JavaScript inline,
   so an exported page works offline) with constant columns said once above it; with an `export_dir` it
   also writes the whole frame there as CSV and parquet and links both.
@@ -139,6 +140,14 @@ def display_frame(frame: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     shown = frame.drop(list(constant)).with_columns(
         pl.col(c).round_sig_figs(4) for c, dtype in frame.schema.items() if dtype.is_float() and c not in constant)
     return shown, constant
+
+
+def static_html(frame: pl.DataFrame) -> str:
+    """`frame` as a plain HTML table, for a page without a kernel or scripts (the report index): values as
+    text, never quoted."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in frame.iter_rows())
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def show(frame: pl.DataFrame, title: str, name: str = "", export_dir: str = "", columns=None) -> None:

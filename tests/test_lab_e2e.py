@@ -154,31 +154,73 @@ def test_shape_probe_slider_redraws_the_plot(page, lab, tmp_path):
     assert folder_digest(NOTEBOOKS) == notebooks_before, f"the test wrote into {NOTEBOOKS} (outputs, checkpoints)"
 
 
+# How far apart the colours of the first heatmap on the page lie: the largest range of one of R, G, B over its
+# pixels (plotly paints a heatmap as one image). A scale far wider than the data paints every cell in nearly
+# one colour: a range of a few tens.
+HEATMAP_COLOUR_RANGE_JS = """async () => {
+    const plot = Array.from(document.querySelectorAll('.js-plotly-plot'))
+        .find(p => (p.data || []).some(t => t.type === 'heatmap'));
+    const image = plot.querySelector('.heatmaplayer image');
+    const picture = new Image();
+    picture.src = image.getAttribute('href') || image.getAttribute('xlink:href');
+    await picture.decode();
+    const canvas = Object.assign(document.createElement('canvas'), {width: picture.width, height: picture.height});
+    const context = canvas.getContext('2d');
+    context.drawImage(picture, 0, 0);
+    const pixels = context.getImageData(0, 0, picture.width, picture.height).data;
+    const low = [255, 255, 255], high = [0, 0, 0];
+    for (let i = 0; i < pixels.length; i += 4) {
+        if (pixels[i + 3] === 0) continue;  // an empty cell
+        for (let c = 0; c < 3; c++) { low[c] = Math.min(low[c], pixels[i + c]); high[c] = Math.max(high[c], pixels[i + c]); }
+    }
+    return Math.max(...high.map((h, c) => h - low[c]));
+}"""
+# Every interactive table (itables) drawn: DataTables marks each it initialised with the class dataTable.
+TABLES_DRAWN_JS = """() => Array.from(document.querySelectorAll('table[id^="itables_"]')).every(t => t.classList.contains('dataTable'))"""
+CELL_TEXTS_JS = """() => Array.from(document.querySelectorAll('td')).map(td => td.textContent.trim())"""
+MAX_PAGE_PX = 6000
+
+
 @pytest.mark.browser
-def test_report_plots_render_offline(page, tmp_path):
-    from q4lab.report import build_reports
+@pytest.mark.slow
+def test_every_report_page_is_readable_on_the_shipped_data(page, tmp_path):
+    """Every page of `q4lab report` on data/: no taller than ~6,000 px, tables without quoted strings, a
+    crossover heatmap in more than one colour, the per-shape table on disk with a row per shape and dtype,
+    plots drawn, and no request off the machine."""
+    import polars as pl
+
+    from q4lab import dataset
+    from q4lab.notebook_io import resolve
+    from q4lab.report import DEFAULT_DATA, NOTEBOOKS, build_reports
 
     out_dir = tmp_path / "reports"
-    results = build_reports(out_dir=out_dir, notebooks=("crossover",))  # one report (and the index) is enough
-    assert [result.error for result in results] == [None]
-    index = out_dir / "index.html"
+    results = build_reports(out_dir=out_dir)
+    assert {result.name: result.error for result in results} == {name: None for name in NOTEBOOKS}
     requests = RequestLog(page)
     with screenshots_on_failure(page, tmp_path, "report") as steps:
-        page.goto(index.as_uri())
+        page.goto((out_dir / "index.html").as_uri())
         page.locator(".js-plotly-plot .main-svg").first.wait_for()  # the index's own chart
-        report_links = page.locator("a[href$='.html']")
-        assert report_links.count() > 0, f"{index} links no report"
-        steps.shot("index")
-        href = report_links.first.get_attribute("href")
-        report_links.first.click()
-        page.wait_for_url(f"**/{href}")
-        page.locator(".js-plotly-plot .main-svg").first.wait_for()
-        steps.shot("report")
-        plots = page.locator(".js-plotly-plot")
-        assert plots.count() > 0
-        for i in range(plots.count()):
-            assert plots.nth(i).locator(".main-svg path").count() > 0, f"plot {i} of {page.url} drew nothing"
+        pages = page.locator("a[href$='.html']").evaluate_all("links => links.map(a => a.getAttribute('href'))")
+        assert sorted(pages) == sorted(f"{name}.html" for name in NOTEBOOKS)
+        for name in ["index.html", *pages]:
+            page.goto((out_dir / name).as_uri())
+            page.wait_for_function(TABLES_DRAWN_JS)
+            steps.shot(name)
+            height = page.evaluate("document.documentElement.scrollHeight")
+            assert height < MAX_PAGE_PX, f"{name} is {height} px tall"
+            quoted = [text for text in page.evaluate(CELL_TEXTS_JS) if len(text) > 1 and text[0] == text[-1] == '"']
+            assert quoted == [], f"{name} shows quoted strings: {quoted[:5]}"
+            plots = page.locator(".js-plotly-plot")
+            for i in range(plots.count()):
+                assert plots.nth(i).locator(".main-svg path").count() > 0, f"plot {i} of {name} drew nothing"
+            if name == "crossover.html":
+                assert page.evaluate(HEATMAP_COLOUR_RANGE_JS) > 150, "the crossover heatmap is (nearly) one colour"
+                assert page.locator("a[href='crossover_per_shape.csv']").count() == 1
         assert requests.off_machine() == [], "requests left the machine"
+    grid = dataset.load(resolve(DEFAULT_DATA)).filter(pl.col("sweep") == "grid")
+    per_shape = pl.read_csv(out_dir / "crossover_per_shape.csv")
+    assert per_shape.height == grid.select("device", "shape", "dtype").n_unique()
+    assert set(per_shape.select("shape", "dtype").iter_rows()) == set(grid.select("shape", "dtype").iter_rows())
 
 
 # The client coordinates of the middle row of a heatmap's first column, centred in view, and that row's shape.

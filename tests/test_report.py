@@ -152,7 +152,7 @@ def test_a_real_browser_renders_the_index_and_a_report_offline(built):
         finally:
             browser.close()
     assert errors == []
-    assert [u for u in requests if not u.startswith(("file://", "data:", "about:"))] == []
+    assert [u for u in requests if not u.startswith(("file://", "data:", "about:", "blob:"))] == []
 
 
 def test_live_reports_only_when_asked_or_a_gpu_is_there(monkeypatch):

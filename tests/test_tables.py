@@ -112,3 +112,9 @@ def test_the_camping_headline_names_slow_shapes_and_the_overall_excess(df):
     assert "1 slow but not flat (rising from M=1, not a floor): llama-3-70b.down_proj (10.8× the model)" in line
     assert line.endswith(f"t(M=1) is {excess['median_over_model']:.2f}× the bandwidth model (interquartile range "
                          f"{excess['q25_over_model']:.2f}-{excess['q75_over_model']:.2f}×)")
+
+
+def test_static_html_shows_strings_unquoted_and_escaped():
+    page = tables.static_html(pl.DataFrame({"device": ["NVIDIA H100 <80GB>"], "rows": [3]}))
+    assert page == ("<table><thead><tr><th>device</th><th>rows</th></tr></thead>"
+                    "<tbody><tr><td>NVIDIA H100 &lt;80GB&gt;</td><td>3</td></tr></tbody></table>")
