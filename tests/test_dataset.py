@@ -77,3 +77,13 @@ def test_no_analysis_and_no_headline_answers_from_bad_times(good, values):
     assert all(line.startswith("not in this data: ") for title in ("Crossovers (simt vs dequant_blas)",
                "Camping outliers", "N-resonance") for line in found[title])
     assert "beats" not in str(found) and not re.search(r"\bnan\b", str(found))
+
+
+def test_a_report_on_bad_times_stops_before_any_notebook_naming_the_file(good, tmp_path, capsys):
+    from q4lab import cli
+    bad = tmp_path / "bad.parquet"
+    _with(good, [0, 1], time_us=math.nan).write_parquet(bad)
+    assert cli.main(["report", "--data", str(bad), "--out", str(tmp_path / "r"), "--live", "no"]) == 2
+    err = capsys.readouterr().err
+    assert f"q4lab report: error: {bad}: 2 row(s) break 'times (time_us, time_us_lo, time_us_hi) finite" in err
+    assert not (tmp_path / "r").exists()
