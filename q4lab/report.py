@@ -54,10 +54,9 @@ class ReportError(ValueError):
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` whole or not at all: into a temporary file beside it, then renamed over it."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    """Write `text` to `path` whole or not at all (`writer_lock.replacing`)."""
+    with writer_lock.replacing(path) as partial:
+        partial.write_text(text, encoding="utf-8")
 
 
 @dataclass

@@ -295,9 +295,8 @@ def compact(log_path, out_path) -> pl.DataFrame:
             old = dataset.load(out)
             _check_dataset_identity(old, next(iter(identities.values())), out)
             new = pl.concat([old.filter(~pl.col("run_id").is_in(sorted(run_ids))), new])
-        partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-        new.write_parquet(partial)
-        os.replace(partial, out)
+        with writer_lock.replacing(out) as partial:
+            new.write_parquet(partial)
     return new
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
-from q4lab import analysis
+from q4lab import analysis, writer_lock
 
 SHAPE_KEY = ("shape", "family", "N", "K")
 # never a baseline: `auto` dispatches between the others; `reference` is float64 on the CPU
@@ -128,8 +128,10 @@ def export(frame: pl.DataFrame, export_dir, name: str) -> list[Path]:
     folder = Path(export_dir)
     folder.mkdir(parents=True, exist_ok=True)
     csv, parquet = folder / f"{name}.csv", folder / f"{name}.parquet"
-    frame.write_csv(csv)
-    frame.write_parquet(parquet)
+    with writer_lock.replacing(csv) as partial:  # a reader never sees half a table
+        frame.write_csv(partial)
+    with writer_lock.replacing(parquet) as partial:
+        frame.write_parquet(partial)
     return [csv, parquet]
 
 

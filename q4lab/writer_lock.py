@@ -1,9 +1,13 @@
-"""One writer at a time: an advisory file lock (filelock) whose file also says who holds it.
+"""One writer at a time, and only whole files.
 
-A sweep log or a report folder written by two processes at once comes out interleaved, so whoever comes
-second is refused at once, with the holder's pid and host. The operating system drops the lock when its
-process ends, even by SIGKILL: a killed run never leaves a lock that blocks the next one (its stale
-holder line is overwritten by the next holder).
+`hold`: an advisory file lock (filelock) whose file also says who holds it. A sweep log or a report
+folder written by two processes at once comes out interleaved, so whoever comes second is refused at
+once, with the holder's pid and host. The operating system drops the lock when its process ends, even by
+SIGKILL: a killed run never leaves a lock that blocks the next one (its stale holder line is overwritten
+by the next holder).
+
+`replacing`: a file is written beside its final name and renamed over it, so a reader, a second writer
+or a killed run never sees half of it.
 """
 from __future__ import annotations
 
@@ -40,3 +44,16 @@ def hold(lock_path: Path, what: str, elsewhere: str, wait_s: float = 0):
     finally:
         lock_path.write_text("", encoding="utf-8")
         lock.release()
+
+
+@contextlib.contextmanager
+def replacing(path: Path):
+    """A temporary path beside `path` to write into; renamed over `path` when the block ends without an
+    error, removed when it raises."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

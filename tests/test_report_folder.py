@@ -90,3 +90,21 @@ def test_two_reports_into_one_folder_at_once_leave_one_whole_report(data, tmp_pa
         assert index.count(f'<a href="{name}.html">{name}</a> — ok') == 1
     assert not list(out.rglob("*.partial*"))
     shutil.rmtree(out)
+
+
+def test_an_export_that_fails_midway_keeps_the_previous_table_whole(tmp_path, monkeypatch):
+    import polars as pl
+
+    from q4lab import tables
+    before = pl.DataFrame({"shape": ["a", "b"], "time_us": [1.0, 2.0]})
+    tables.export(before, tmp_path, "per_shape")
+
+    def dies_midway(frame, path, **kw):
+        Path(path).write_bytes(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        tables.export(before.with_columns(pl.col("time_us") * 2), tmp_path, "per_shape")
+    assert pl.read_parquet(tmp_path / "per_shape.parquet").equals(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["per_shape.csv", "per_shape.parquet"]
