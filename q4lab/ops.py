@@ -28,6 +28,7 @@ import torch
 from q4lab import dispatch, formats, kernels
 from q4lab.formats import Q4Weight
 
+# Literals: q4lab.dataset reads both names from this source to check datasets without importing torch
 IMPLS = ("simt", "gemv", "dequant_blas", "dense", "bnb", "reference")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_CODE = {DTYPES[name]: code for name, code in kernels.DTYPE_CODES.items()}
