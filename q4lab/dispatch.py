@@ -202,17 +202,24 @@ def _key_columns(kind: str) -> tuple[str, ...]:
 
 def fit(df: pl.DataFrame, impls=None, kind: str = "shape", datasets=()) -> Rule:
     """The `kind` rule over `impls` (default: every impl of the grid but NOT_DISPATCHED) fitted to the grid
-    rows of `df`; `datasets` (file names) go into its provenance with the rows' kernel hash and commit."""
+    rows of `df`; `datasets` (file names) go into its provenance with the rows' kernel hash and commit.
+
+    A device that never ran an impl cannot say when to pick it: where devices of one arch ran different
+    impls (an H100 grid without a new impl beside an H200 grid with it), each arch is fitted on the devices
+    that ran the most of the candidates, and the provenance names those devices."""
     columns = _key_columns(kind)
     times, impls = point_times(df, impls)
     regrets = _regrets(times, impls)
-    trees = {}
+    trees, devices = {}, set()
     for key, group in times.with_row_index("_row").group_by(columns, maintain_order=True):
-        rows = group["_row"].to_numpy()
+        ran = group.group_by("device").agg(pl.sum_horizontal(pl.col(i).is_not_null().any() for i in impls).alias("ran"))
+        kept = ran.filter(pl.col("ran") == pl.col("ran").max())["device"].to_list()
+        group = group.filter(pl.col("device").is_in(kept))
         full = (*key, *[ANY] * (3 - len(columns)))
-        trees[full] = _grow(group, regrets[rows], impls, TREE_DEPTH if kind == "shape" else 0)[0]
+        trees[full] = _grow(group, regrets[group["_row"].to_numpy()], impls, TREE_DEPTH if kind == "shape" else 0)[0]
+        devices.update(kept)
     provenance = {"datasets": [Path(d).name for d in datasets],
-                  **{c: sorted(df[c].unique().to_list()) for c in ("kernel_hash", "git_commit", "device")}}
+                  **{c: sorted(df[c].unique().to_list()) for c in ("kernel_hash", "git_commit")}, "device": sorted(devices)}
     return Rule(kind, impls, trees, provenance)
 
 
