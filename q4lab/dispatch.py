@@ -132,8 +132,15 @@ def _times(times: pl.DataFrame, impls: list[str]) -> np.ndarray:
 
 
 def _regrets(times: pl.DataFrame, impls: list[str]) -> np.ndarray:
+    """[point, impl] regrets for fitting. Where a device did not run an impl that another device of its arch
+    ran at the same (dtype, quant_type, shape, M), it takes that device's regret (an H100 grid without a new
+    impl must not veto what an H200 grid measured of it); where none did, _UNMEASURED."""
     t = _times(times, impls)
-    return np.where(np.isinf(t), _UNMEASURED, t / t.min(axis=1, keepdims=True))
+    regrets = pl.DataFrame(np.where(np.isinf(t), np.nan, t / t.min(axis=1, keepdims=True)), schema=impls, orient="row")
+    same_point = ["arch", "dtype", "quant_type", "blocksize", "nested", "cold", "shape", "M"]
+    filled = pl.concat([times.select(same_point), regrets.fill_nan(None)], how="horizontal").select(
+        pl.col(i).fill_null(pl.col(i).mean().over(same_point)).fill_null(_UNMEASURED) for i in impls)
+    return filled.to_numpy()
 
 
 def _steps(m: np.ndarray, regrets: np.ndarray, impls: list[str]) -> tuple[list, float]:
@@ -202,24 +209,16 @@ def _key_columns(kind: str) -> tuple[str, ...]:
 
 def fit(df: pl.DataFrame, impls=None, kind: str = "shape", datasets=()) -> Rule:
     """The `kind` rule over `impls` (default: every impl of the grid but NOT_DISPATCHED) fitted to the grid
-    rows of `df`; `datasets` (file names) go into its provenance with the rows' kernel hash and commit.
-
-    A device that never ran an impl cannot say when to pick it: where devices of one arch ran different
-    impls (an H100 grid without a new impl beside an H200 grid with it), each arch is fitted on the devices
-    that ran the most of the candidates, and the provenance names those devices."""
+    rows of `df`; `datasets` (file names) go into its provenance with the rows' kernel hash and commit."""
     columns = _key_columns(kind)
     times, impls = point_times(df, impls)
     regrets = _regrets(times, impls)
-    trees, devices = {}, set()
+    trees = {}
     for key, group in times.with_row_index("_row").group_by(columns, maintain_order=True):
-        ran = group.group_by("device").agg(pl.sum_horizontal(pl.col(i).is_not_null().any() for i in impls).alias("ran"))
-        kept = ran.filter(pl.col("ran") == pl.col("ran").max())["device"].to_list()
-        group = group.filter(pl.col("device").is_in(kept))
         full = (*key, *[ANY] * (3 - len(columns)))
         trees[full] = _grow(group, regrets[group["_row"].to_numpy()], impls, TREE_DEPTH if kind == "shape" else 0)[0]
-        devices.update(kept)
     provenance = {"datasets": [Path(d).name for d in datasets],
-                  **{c: sorted(df[c].unique().to_list()) for c in ("kernel_hash", "git_commit")}, "device": sorted(devices)}
+                  **{c: sorted(df[c].unique().to_list()) for c in ("kernel_hash", "git_commit", "device")}}
     return Rule(kind, impls, trees, provenance)
 
 
