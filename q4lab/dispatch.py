@@ -236,10 +236,12 @@ def regret(rule: Rule, df: pl.DataFrame, arch: str | None = None) -> pl.DataFram
     column = {impl: i for i, impl in enumerate(impls)}
     t_chosen = np.array([t[p, column[c]] if c in column else np.inf for p, c in enumerate(chosen)])
     t_best = t[np.arange(len(t)), best]
+    unscored = np.isinf(t_chosen)
     return times.select(*POINT, "arch").with_columns(
         pl.Series("chosen", chosen), pl.Series("best", [impls[i] for i in best]),
-        pl.Series("time_chosen_us", np.where(np.isinf(t_chosen), np.nan, t_chosen)).fill_nan(None),
-        pl.Series("time_best_us", t_best), pl.Series("regret", np.where(np.isinf(t_chosen), np.nan, t_chosen / t_best)).fill_nan(None))
+        pl.Series("time_chosen_us", np.where(unscored, np.nan, t_chosen)).fill_nan(None),
+        pl.Series("time_best_us", t_best),
+        pl.Series("regret", np.where(unscored, np.nan, t_chosen / t_best)).fill_nan(None))
 
 
 def summarize(regrets: pl.DataFrame, by=("kind",)) -> pl.DataFrame:
@@ -257,8 +259,11 @@ def held_out(df: pl.DataFrame, kind: str, folds: str = "family", impls=None) -> 
     if folds not in ("family", "shape"):
         raise ValueError(f"folds={folds!r}: leave out one 'family' or one 'shape' at a time")
     grid = df.filter(pl.col("sweep").is_in(GRID_SWEEPS))
+    values = grid[folds].unique().sort().to_list()
+    if len(values) < 2:
+        raise ValueError(f"leaving one {folds} out needs two or more; the grid holds {values}: measure more shapes")
     parts = []
-    for value in grid[folds].unique().sort().to_list():
+    for value in values:
         rule = fit(grid.filter(pl.col(folds) != value), impls, kind)
         parts.append(regret(rule, grid.filter(pl.col(folds) == value)).with_columns(pl.lit(kind).alias("kind")))
     return pl.concat(parts)
@@ -275,14 +280,15 @@ def transfer(df: pl.DataFrame, kinds=RULE_KINDS, impls=None) -> pl.DataFrame:
     """Each rule kind fitted on one device's rows and scored on every device's (its own: in-sample), with
     the fitted device's arch applied to the other's rows: `summarize` per (kind, fitted_on, scored_on)."""
     kinds = [kinds] if isinstance(kinds, str) else kinds
-    devices = df["device"].unique().sort().to_list()
+    grid = df.filter(pl.col("sweep").is_in(GRID_SWEEPS))
+    devices = grid["device"].unique().sort().to_list()
     parts = []
     for kind in kinds:
         for source in devices:
-            part = df.filter(pl.col("device") == source)
+            part = grid.filter(pl.col("device") == source)
             rule, arch = fit(part, impls, kind), part["arch"][0]
             for target in devices:
-                scored = regret(rule, df.filter(pl.col("device") == target), arch)
+                scored = regret(rule, grid.filter(pl.col("device") == target), arch)
                 parts.append(scored.with_columns(pl.lit(kind).alias("kind"), pl.lit(source).alias("fitted_on"),
                                                  pl.lit(target).alias("scored_on")))
     return summarize(pl.concat(parts), ("kind", "fitted_on", "scored_on"))

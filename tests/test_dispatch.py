@@ -253,3 +253,10 @@ def test_a_device_that_did_not_run_an_impl_cannot_veto_it(h100):
     rule = dispatch.fit(frame, impls=["simt", "gemv", "dequant_blas"], kind="per_dtype")
     assert [rule.choose(4096, 4096, M, "fp16", "sm_90") for M in (1, 16, 128)] == ["simt", "gemv", "dequant_blas"]
     assert rule.provenance["device"] == ["NVIDIA H100 80GB HBM3 (synthetic)", "NVIDIA H200 (synthetic)"]
+
+
+def test_one_family_cannot_be_left_out(h100):
+    with pytest.raises(ValueError, match=r"leaving one family out needs two or more; the grid holds \['mlp_up'\]"):
+        dispatch.cross_validate(h100.filter(pl.col("family") == "mlp_up"))
+    with pytest.raises(ValueError, match="leave out one 'family' or one 'shape'"):
+        dispatch.cross_validate(h100, folds="device")
