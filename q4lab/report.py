@@ -206,6 +206,8 @@ def build_reports(out_dir="reports", data=DEFAULT_DATA, notebooks=NOTEBOOKS, par
         except OSError as err:
             raise ReportError(f"--out {out}: cannot write reports there ({err.strerror or err}: {err.filename}); "
                               f"give a folder you can write to") from err
+        for stale in out.rglob(".*.partial*"):  # left by a run that was killed; nobody else writes here now
+            stale.unlink()
         log(f"running {len(notebooks)} notebook(s) on {len(data_files)} dataset(s), {jobs} at a time", flush=True)
         printing, running, finished = threading.Lock(), {}, threading.Event()
 

@@ -41,6 +41,8 @@ def test_a_notebook_whose_output_is_unreadable_fails_alone(data, tmp_path, monke
         Path(output).write_text(text[:len(text) // 2] if "crossover" in source else text)
 
     monkeypatch.setattr(papermill, "execute_notebook", execute)
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / ".crossover.99999.partial.ipynb").write_text("{")  # a killed run's leftover
     results = {r.name: r for r in report.build_reports(tmp_path, str(data), ("crossover", "n_resonance"),
                                                        log=lambda *a, **k: None)}
     assert "Notebook does not appear to be JSON" in results["crossover"].error
