@@ -38,13 +38,18 @@ import torch
 from tqdm.auto import tqdm
 
 import q4lab
-from q4lab import bench, formats, kernels, ops, writer_lock
+from q4lab import bench, formats, kernels, launch, ops, writer_lock
 from q4lab.runlog import (IDENTITY, Point, PointLog, RawLog, SweepError, check_identity, finished_rows,
                           log_identity, point_logs)
 from q4lab.shapes import Shape, nsweep_shape, select
 
 GRID_MS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 2048)
 TIMED_IMPLS = tuple(i for i in ops.IMPLS if i != "reference")
+# The simt kernel at one fixed launch configuration, as an impl name: "simt/r{R}m{MT}" (q4lab configs)
+CONFIG_IMPLS = tuple(f"simt/r{R}m{MT}" for R, MT in launch.SIMT_CONFIGS)
+# The `sweep` labels of M grids: the shipped grid, a re-measurement of some of its points, and the
+# experiments `q4lab bench` (any N x K) and `q4lab configs` (every simt launch configuration) run
+GRID_LABELS = ("grid", "repeat", "bench", "configs")
 # Largest |out - reference| relative to the largest |reference| that passes, by activation dtype: a few
 # roundings of the output and of a dense weight in that dtype; a wrong kernel misses by O(1).
 CHECK_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 4e-2}
@@ -92,8 +97,9 @@ def run_grid(shapes, ms, dtypes, impls, quant_types=("nf4",), blocksize=64, nest
     (the log keeps the other points' rounds for the next run). `interleave_ms=False`: one M at a time
     (its impls and dtypes interleaved) instead of the chunk's Ms together, so that points finish one M
     after another, as a cancellable live probe wants."""
-    if sweep not in ("grid", "repeat"):
-        raise SweepError(f"sweep label {sweep!r}: use 'grid', or 'repeat' for a re-measurement in the same run")
+    if sweep not in GRID_LABELS:
+        raise SweepError(f"sweep label {sweep!r}: use 'grid', or 'repeat' for a re-measurement in the same run "
+                         f"(or {', '.join(GRID_LABELS[2:])} for an experiment)")
     shape_list = _shape_list(shapes)
     quant_types = _names(quant_types, formats.QUANT_TYPES, "quant type")
     chunks = tuple(Chunk((s,), qt) for s in shape_list for qt in quant_types)
@@ -125,6 +131,7 @@ def _plan(sweep, chunks, ms, dtypes, impls, blocksize, nested, cold) -> Plan:
 
 def _shape_list(spec) -> list[Shape]:
     items = [spec] if isinstance(spec, (str, Shape)) else list(spec)
+    items = [Shape(*s) if isinstance(s, list) else s for s in items]  # a Shape through JSON (run_on_gpus)
     if items and all(isinstance(s, Shape) for s in items):
         return items
     if any(isinstance(s, Shape) for s in items):
@@ -144,7 +151,32 @@ def _names(given, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
 
 
 def _impls(impls) -> tuple[str, ...]:
-    return TIMED_IMPLS if impls == "all" else _names(impls, ops.IMPLS, "impl")
+    return TIMED_IMPLS if impls == "all" else _names(impls, ops.IMPLS + CONFIG_IMPLS, "impl")
+
+
+def base_impl(impl: str) -> str:
+    """The ops impl behind an impl name ("simt" for "simt/r2m4")."""
+    return impl.partition("/")[0]
+
+
+def impl_call(impl: str, A: torch.Tensor, w: formats.Q4Weight):
+    """A call computing A @ w^T with `impl`: an ops impl, or a CONFIG_IMPLS name."""
+    if impl in CONFIG_IMPLS:
+        R, MT = launch.SIMT_CONFIGS[CONFIG_IMPLS.index(impl)]
+        return functools.partial(ops.simt_gemm, A, w, rows_per_warp=R, m_tile=MT)
+    return functools.partial(ops.gemm_4bit, A, w, impl=impl)
+
+
+def reference(A: torch.Tensor, w: formats.Q4Weight) -> torch.Tensor:
+    """The float64 reference of A @ w^T on A's device: the `reference` impl's arithmetic (float64
+    accumulation of the dequantized weight), which on the CPU takes seconds for a large weight."""
+    return A.double() @ formats.dequantize_float64(w).T
+
+
+def check_error(out: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest |out - reference| relative to the largest |reference| (NaN when `out` holds a NaN): compared
+    with CHECK_TOLERANCE[activation dtype]."""
+    return float((out.double().cpu() - want.cpu()).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
 def _ms(ms) -> tuple[int, ...]:
@@ -250,9 +282,9 @@ def _run(plan: Plan, device, log, rounds, tol, max_remeasure, progress, part, in
         chunks = tuple(chunks[i] for i in split_chunks([_chunk_cost(plan, c) for c in chunks], parts)[index])
     max_attempts = 1 + max_remeasure
     reasons = ops.available_impls(device)
-    impls = tuple(i for i in plan.impls if reasons[i] is None)
+    impls = tuple(i for i in plan.impls if reasons[base_impl(i)] is None)
     if not impls:  # fail before the log exists: a sweep that can measure nothing leaves nothing behind
-        why = "; ".join(f"{i}: {reasons[i]}" for i in plan.impls)
+        why = "; ".join(f"{i}: {reasons[base_impl(i)]}" for i in plan.impls)
         raise SweepError(f"nothing to measure on {device}: no impl asked for runs there ({why}); measure on a GPU, "
                          f"or ask for an impl that runs here (--impls dense)")
     with _opened_log(log) as raw:
@@ -274,9 +306,9 @@ def _run(plan: Plan, device, log, rounds, tol, max_remeasure, progress, part, in
             run["device_gbps"], run["launch_us"] = bench.device_gbps(device), bench.launch_us(device)
         raw.append(run)
         for impl in plan.impls:
-            if reasons[impl] is not None:
-                warnings.warn(f"impl {impl!r} skipped: unavailable on {device} ({reasons[impl]})", stacklevel=3)
-                raw.append({"kind": "skip", "run_id": run["run_id"], "impl": impl, "reason": reasons[impl]})
+            if (reason := reasons[base_impl(impl)]) is not None:
+                warnings.warn(f"impl {impl!r} skipped: unavailable on {device} ({reason})", stacklevel=3)
+                raw.append({"kind": "skip", "run_id": run["run_id"], "impl": impl, "reason": reason})
 
         remaining = sum(len(missing) for _, points in todo for _, _, missing in points.values())
         position = part[0] if part is not None else 0
@@ -332,8 +364,7 @@ def _measure_chunk(ctx: _Context, chunk: Chunk, todo: dict[Point, tuple[int, int
     for K, dtype in {(p.K, p.dtype) for p in todo}:
         gen = torch.Generator(device=device).manual_seed(_seed("A", K, dtype))
         inputs[K, dtype] = torch.randn(max(plan.ms), K, generator=gen, device=device).to(ops.DTYPES[dtype])
-    calls = {p: functools.partial(ops.gemm_4bit, inputs[p.K, p.dtype][:p.M], weights[p.shape], impl=p.impl)
-             for p in todo}
+    calls = {p: impl_call(p.impl, inputs[p.K, p.dtype][:p.M], weights[p.shape]) for p in todo}
 
     references = _References(plan, inputs, weights)
     for p in list(todo):
@@ -386,9 +417,8 @@ class _References:
     def get(self, p: Point) -> torch.Tensor:
         if p.shape not in self.cache:
             dtypes = [d for d in self.plan.dtypes if (p.K, d) in self.inputs]
-            A = torch.cat([self.inputs[p.K, d][self.rows].double() for d in dtypes])
-            W = formats.dequantize_float64(self.weights[p.shape])
-            out = (A @ W.T).cpu()
+            A = torch.cat([self.inputs[p.K, d][self.rows] for d in dtypes])
+            out = reference(A, self.weights[p.shape]).cpu()
             self.cache[p.shape] = dict(zip(dtypes, out.split(len(self.rows))))
         return self.cache[p.shape][p.dtype]
 
@@ -415,9 +445,7 @@ def _check(ctx: _Context, p: Point, call, references: _References) -> bool:
         _error(ctx, p, f"raised {type(err).__name__}: {err}")
         return False
     rows = references.rows_for(p.M)
-    got = out[[references.rows[i] for i in rows]].double().cpu()
-    want = ref[rows]
-    error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+    error = check_error(out[[references.rows[i] for i in rows]], ref[rows])
     if not error <= tolerance:  # NaN fails too
         _error(ctx, p, f"output differs from the reference: max error {error:.3g} of the largest value > "
                        f"tolerance {tolerance:g}")
@@ -437,7 +465,7 @@ def _measure_round(ctx: _Context, p: Point, call, w, attempt: int, r: int, plann
                   time_us=t.time_us, time_us_lo=t.time_us_lo, time_us_hi=t.time_us_hi, samples=t.samples,
                   host_us=t.host_us, timer=t.timer, timed_cold=t.cold, hold_us=t.hold_us, rejected=t.rejected,
                   samples_us=[round(s, 4) for s in t.samples_us],
-                  bytes=ops.impl_bytes(p.impl, w, p.M, ops.DTYPES[p.dtype]))
+                  bytes=ops.impl_bytes(base_impl(p.impl), w, p.M, ops.DTYPES[p.dtype]))
     ctx.plogs[p].attempts.setdefault(attempt, {})[r] = rec
     ctx.bar.update()
 

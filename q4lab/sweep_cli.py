@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import torch
 
 from q4lab import formats, ops
 from q4lab.runlog import SweepError, compact
-from q4lab.shapes import FAMILIES
-from q4lab.sweep import GRID_MS, RUNNERS, TIMED_IMPLS
+from q4lab.shapes import FAMILIES, Shape
+from q4lab.sweep import CONFIG_IMPLS, GRID_MS, RUNNERS, TIMED_IMPLS
 
 _WORKER = "import json, sys, q4lab.sweep as s; s.RUNNERS[sys.argv[1]](**json.loads(sys.argv[2]))"
 
@@ -98,20 +100,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         dest="quant_types", help="4-bit format, one per N sweep (default: %(default)s)")
 
     for cmd in (grid, nsweep):
-        cmd.add_argument("--blocksize", type=int, default=64,
-                         help="weights quantized per absmax block (default: %(default)s)")
-        cmd.add_argument("--nested", action="store_true", help="double-quantized (nested) absmax")
-        cmd.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
-        cmd.add_argument("--tol", type=float, default=0.05,
-                         help="between-round spread above which a point is measured again (default: %(default)s)")
-        cmd.add_argument("--max-remeasure", type=int, default=2,
-                         help="re-measurements of an unsettled point before it is kept unstable (default: %(default)s)")
-        cmd.add_argument("--warm", action="store_true", help="do not flush the L2 before each sample")
-        cmd.add_argument("--out", type=Path, required=True, help="parquet dataset to write or add to")
-        cmd.add_argument("--log", type=Path,
-                         help="raw JSON-lines log (default: --out with .jsonl); the same log resumes a sweep")
-        cmd.add_argument("--gpus", help="'all' or GPU indices (0,1): one process per GPU, one dataset")
-        cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+        add_run_arguments(cmd)
 
     comp = sub.add_parser("compact", help="raw log(s) -> parquet dataset",
                           description="Compact raw sweep logs of one device into a parquet dataset.")
@@ -131,14 +120,30 @@ def _writable(path: Path, option: str) -> None:
                          f"give a file path in a folder you can write to")
 
 
+def add_run_arguments(cmd: argparse.ArgumentParser) -> None:
+    """How every measuring command runs: weights, rounds, re-measurement, cache, output, GPUs."""
+    cmd.add_argument("--blocksize", type=int, default=64, help="weights quantized per absmax block (default: %(default)s)")
+    cmd.add_argument("--nested", action="store_true", help="double-quantized (nested) absmax")
+    cmd.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
+    cmd.add_argument("--tol", type=float, default=0.05,
+                     help="between-round spread above which a point is measured again (default: %(default)s)")
+    cmd.add_argument("--max-remeasure", type=int, default=2,
+                     help="re-measurements of an unsettled point before it is kept unstable (default: %(default)s)")
+    cmd.add_argument("--warm", action="store_true", help="do not flush the L2 before each sample")
+    cmd.add_argument("--out", type=Path, required=True, help="parquet dataset to write or add to")
+    cmd.add_argument("--log", type=Path,
+                     help="raw JSON-lines log (default: --out with .jsonl); the same log resumes a sweep")
+    cmd.add_argument("--gpus", help="'all' or GPU indices (0,1): one process per GPU, one dataset")
+    cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def sweep_command(args: argparse.Namespace) -> int:
-    _writable(args.out, "--out")
     if args.sweep_command == "compact":
+        _writable(args.out, "--out")
         frame = compact(args.logs, args.out)
         print(f"{args.out}: {frame.height} rows")
         return 0
-    common = dict(blocksize=args.blocksize, nested=args.nested, rounds=args.rounds, cold=not args.warm,
-                  tol=args.tol, max_remeasure=args.max_remeasure, progress=not args.no_progress)
+    common = _run_options(args)
     if args.sweep_command == "grid":
         func, kwargs = "run_grid", dict(shapes=args.shapes, ms=args.m, dtypes=args.dtypes, impls=args.impls,
                                         quant_types=args.quant_types, sweep="repeat" if args.repeat else "grid",
@@ -147,6 +152,17 @@ def sweep_command(args: argparse.Namespace) -> int:
         func, kwargs = "run_nsweep", dict(K=args.k, ms=args.m, n_start=args.n_start, n_stop=args.n_stop,
                                           n_step=args.n_step, impls=args.impls, dtypes=args.dtypes,
                                           quant_type=args.quant_types, **common)
+    return measure(func, kwargs, args)
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    return dict(blocksize=args.blocksize, nested=args.nested, rounds=args.rounds, cold=not args.warm,
+                tol=args.tol, max_remeasure=args.max_remeasure, progress=not args.no_progress)
+
+
+def measure(func: str, kwargs: dict, args: argparse.Namespace) -> int:
+    """Run RUNNERS[func] here or over --gpus into --log, then compact the log(s) into --out."""
+    _writable(args.out, "--out")
     log = args.log or args.out.with_suffix(".jsonl")
     _writable(log, "--log")
     gpus = gpu_list(args.gpus)
@@ -159,3 +175,63 @@ def sweep_command(args: argparse.Namespace) -> int:
     frame = compact(logs, args.out)
     print(f"{args.out}: {frame.height} rows (raw log: {', '.join(map(str, logs))})")
     return 0
+
+
+# ------------------------------------------------------------------------------------------ experiments
+
+def _shape_sizes(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(x) for x in t.lower().split("x")) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated NxK sizes, e.g. 28672x8192,4096x4096") from None
+
+
+def experiment_shapes(sizes, family: str) -> list[Shape]:
+    """Shapes "n{N}_k{K}" of an experiment's family ("bench", "configs")."""
+    return [Shape(f"n{N}_k{K}", "", "", N, K, family, family) for N, K in sizes]
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", type=_shape_sizes, default="28672x8192,128256x4096,8192x8192,4096x4096,1024x4096",
+                        help="comma-separated NxK weight sizes (default: %(default)s)")
+    parser.add_argument("--m", type=_int_list, default="1,8", help="M values (default: %(default)s)")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32", help=f"of {', '.join(ops.DTYPES)} (default: %(default)s)")
+    parser.add_argument("--impls", default="all", help=f"of {', '.join(ops.IMPLS)}, or 'all' (the default)")
+    add_run_arguments(parser)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """Every impl on NxK sizes outside the shape catalogue, rows labelled sweep='bench'. Time an
+    experiment's kernels/ beside the shipped one with Q4LAB_KERNELS=DIR into another dataset: the rows'
+    kernel_hash tells them apart."""
+    kwargs = dict(shapes=[list(s) for s in experiment_shapes(args.shapes, "bench")], ms=args.m, dtypes=args.dtypes,
+                  impls=args.impls, sweep="bench", **_run_options(args))
+    return measure("run_grid", kwargs, args)
+
+
+def add_configs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=_int_list, default="512,1024,2048,3072,4096,6144,8192,16384",
+                        help="N values (default: %(default)s)")
+    parser.add_argument("--k", type=_int_list, default="4096,14336", help="K values (default: %(default)s)")
+    parser.add_argument("--m", type=_int_list, default="1,8", help="M values (default: %(default)s)")
+    parser.add_argument("--dtypes", default="bf16", help=f"of {', '.join(ops.DTYPES)} (default: %(default)s)")
+    add_run_arguments(parser)
+
+
+def configs_command(args: argparse.Namespace) -> int:
+    """The simt kernel at every launch configuration (impl "simt/r{R}m{MT}") beside its own pick ("simt")
+    over N x K x M, rows labelled sweep='configs': the data the launch model (kernels/q4_launch.h) is fitted
+    to. Each configuration is checked against the reference before it is timed."""
+    sizes = [(N, K) for K in args.k for N in args.n]
+    kwargs = dict(shapes=[list(s) for s in experiment_shapes(sizes, "configs")], ms=args.m, dtypes=args.dtypes,
+                  impls=["simt", *CONFIG_IMPLS], sweep="configs", **_run_options(args))
+    rc = measure("run_grid", kwargs, args)
+    frame = pl.read_parquet(args.out).filter(pl.col("sweep") == "configs")
+    best = (frame.filter(pl.col("impl") != "simt").group_by("dtype", "N", "K", "M", "nested")
+            .agg(pl.col("time_us").min().alias("best_us")))
+    auto = frame.filter(pl.col("impl") == "simt").join(best, on=["dtype", "N", "K", "M", "nested"])
+    if auto.height:
+        ratio = (auto["time_us"] / auto["best_us"]).log().mean()
+        print(f"the launcher's own pick: {math.exp(ratio):.3f}x of the best configuration (geometric mean over "
+              f"{auto.height} points), worst {(auto['time_us'] / auto['best_us']).max():.2f}x")
+    return rc

@@ -211,7 +211,7 @@ def test_a_call_that_synchronizes_is_refused(stream):
 
 # --- a real GPU ------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU")
+@pytest.mark.gpu
 def test_real_gpu_slow_dispatch_does_not_inflate_device_time():
     x = torch.zeros(1 << 16, device="cuda")
 

@@ -194,7 +194,7 @@ def test_q4weight_properties(nested):
     assert w.weight_bytes == N * K // 2 + state_bytes
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
 @pytest.mark.parametrize("quant_type", formats.QUANT_TYPES)
 def test_gpu_quantize_and_dequantize_equal_cpu(quant_type, nested):

@@ -1,0 +1,53 @@
+"""`q4lab bench` and `q4lab configs`: experiments outside the shipped grid measured by the sweep (its checks,
+interleaving and log) into datasets with the usual provenance."""
+import pytest
+import torch
+
+from q4lab import bench, cli, dataset, launch, ops, sweep
+
+
+@pytest.fixture
+def quick_clock(monkeypatch):
+    real = bench.time_call
+    monkeypatch.setattr(bench, "time_call", lambda call, **kw: real(call, **kw | dict(budget_s=0.01)))
+    monkeypatch.setattr(bench, "device_gbps", lambda device: 100.0)
+    monkeypatch.setattr(bench, "launch_us", lambda device: 5.0)
+
+
+def test_bench_times_every_impl_on_the_sizes_given(tmp_path, quick_clock):
+    out = tmp_path / "bench.parquet"
+    assert cli.main(["bench", "--shapes", "96x128,64x256", "--m", "1,3", "--dtypes", "fp32", "--impls",
+                     "reference,dense", "--rounds", "1", "--out", str(out), "--no-progress"]) == 0
+    frame = dataset.load(out)
+    assert set(frame["sweep"]) == {"bench"} and set(frame["family"]) == {"bench"}
+    assert set(frame["shape"]) == {"n96_k128", "n64_k256"} and frame.height == 2 * 2 * 2
+    assert (frame["git_commit"].str.len_chars() > 0).all() and frame["run_id"].n_unique() == 1
+
+
+def test_configs_times_each_launch_configuration_beside_the_launchers_pick(tmp_path, quick_clock, monkeypatch,
+                                                                           capsys):
+    # simt stands in as the dense impl, each fixed configuration as the reference: a CPU has no kernel
+    fixed = []
+    monkeypatch.setattr(ops, "available_impls", lambda device: {i: None for i in ops.IMPLS})
+    monkeypatch.setattr(ops, "simt_gemm", lambda A, w, rows_per_warp, m_tile: fixed.append((rows_per_warp, m_tile))
+                        or ops.gemm_4bit(A, w, impl="reference"))
+    real = ops.gemm_4bit
+    monkeypatch.setattr(ops, "gemm_4bit", lambda A, w, bias=None, impl="reference", out=None:
+                        real(A, w, bias, "dense" if impl == "simt" else impl, out))
+    out = tmp_path / "configs.parquet"
+    assert cli.main(["configs", "--n", "96", "--k", "128", "--m", "2", "--dtypes", "fp32", "--rounds", "1",
+                     "--out", str(out), "--no-progress"]) == 0
+    frame = dataset.load(out)
+    assert set(frame["sweep"]) == {"configs"}
+    assert sorted(frame["impl"]) == sorted(["simt", *sweep.CONFIG_IMPLS])
+    assert set(fixed) == set(launch.SIMT_CONFIGS)  # each configuration ran as itself
+    assert "the launcher's own pick:" in capsys.readouterr().out
+
+
+def test_a_configuration_impl_is_the_simt_kernel_at_that_configuration(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ops, "simt_gemm", lambda A, w, **kw: calls.append(kw))
+    sweep.impl_call("simt/r2m8", torch.zeros(1), None)()
+    assert calls == [{"rows_per_warp": 2, "m_tile": 8}] and sweep.base_impl("simt/r2m8") == "simt"
+    with pytest.raises(sweep.SweepError, match="unknown impl 'simt/r3m1'"):
+        sweep.run_grid("llama-3-8b.q_proj", [1], ["fp16"], ["simt/r3m1"])
