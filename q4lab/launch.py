@@ -18,8 +18,8 @@ _CONSTEXPR = re.compile(r"^constexpr\s+(?:int|double)\s+(Q4_\w+)\s*=\s*([0-9.eE+
 SIMT_CONFIGS = tuple((R, MT) for R in (4, 2, 1) for MT in (8, 4, 2, 1))  # the launcher's order: ties keep the first
 # Resident blocks per SM of each (rows per warp R, M tile MT) instance of v6 on sm_90, by activation dtype:
 # 128 threads a block at the ptxas register counts (90 registers at R = MT = 1 up to 255; fp32's wider
-# activation loads take more). The launcher asks the runtime (`ops.simt_blocks_per_sm` shows it on a GPU,
-# `gpu_kernels.py configs` compares); the other archs borrow these until measured.
+# activation loads take more). The launcher asks the runtime (`ops.simt_blocks_per_sm` shows it on a GPU);
+# the other archs borrow these until measured.
 _SM90_16BIT = {(1, 1): 5, (1, 2): 4, (1, 4): 3, (1, 8): 2, (2, 1): 4, (2, 2): 3, (2, 4): 2, (2, 8): 2,
                (4, 1): 4, (4, 2): 2, (4, 4): 2, (4, 8): 2}
 SM90_BLOCKS_PER_SM = {"fp16": _SM90_16BIT, "bf16": _SM90_16BIT,

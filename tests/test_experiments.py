@@ -1,9 +1,14 @@
 """`q4lab bench` and `q4lab configs`: experiments outside the shipped grid measured by the sweep (its checks,
 interleaving and log) into datasets with the usual provenance."""
+from pathlib import Path
+
+import polars as pl
 import pytest
 import torch
 
 from q4lab import bench, cli, dataset, launch, ops, sweep
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -51,3 +56,11 @@ def test_a_configuration_impl_is_the_simt_kernel_at_that_configuration(monkeypat
     assert calls == [{"rows_per_warp": 2, "m_tile": 8}] and sweep.base_impl("simt/r2m8") == "simt"
     with pytest.raises(sweep.SweepError, match="unknown impl 'simt/r3m1'"):
         sweep.run_grid("llama-3-8b.q_proj", [1], ["fp16"], ["simt/r3m1"])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "data" / "experiments").glob("*.parquet")), ids=lambda p: p.name)
+def test_an_experiment_dataset_is_described_and_says_where_it_comes_from(path):
+    frame = pl.read_parquet(path)
+    assert frame.height > 0 and f"experiments/{path.name}" in (REPO / "data" / "README.md").read_text()
+    for column in ("experiment", "device", "date", "kernels", "source", "recorded_in"):
+        assert frame[column].null_count() == 0, column

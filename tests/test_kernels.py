@@ -138,7 +138,7 @@ def test_a_compile_error_keeps_the_log(tmp_path, monkeypatch):
 
 
 def test_another_kernel_folder_builds_apart_from_the_shipped_one(tmp_path):
-    """gpu_kernels.py --variant times an experiment's kernels/ beside the shipped one: its sources, hash and
+    """Q4LAB_KERNELS=DIR measures an experiment's kernels/ beside the shipped one: its sources, hash and
     cache entry are the other folder's, and the shipped folder stays the default."""
     need("nvcc")
     other = tmp_path / "kernels"

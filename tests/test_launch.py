@@ -7,12 +7,12 @@ from q4lab import launch
 
 
 def test_wave_model():
-    # the launcher's choices where the H100 sweep agrees (docs/bench/h100_2026-11-26_v6_rule.csv): two rows a
+    # the launcher's choices where the H100 sweep agrees (data/experiments, experiment v6_rule): two rows a
     # warp at M=1 on a large N, one where N is small, the full M tile at M=8 and three tiles of 4 at M=12
     assert launch.simt_launch(28672, 1, 8192) == (2, 1) and launch.simt_launch(1024, 1, 4096) == (1, 1)
     assert launch.simt_launch(28672, 8, 8192) == (4, 8) and launch.simt_launch(16384, 12, 4096) == (4, 4)
     assert launch.simt_launch(512, 3, 4096)[1] <= 4  # never an M tile past M rounded up to a power of two
-    # fp32 activations cost 275 ns a row, not 100: the fp32 sweep (h100_2026-11-26_v6rule_configs_fp32.csv)
+    # fp32 activations cost 275 ns a row, not 100: the fp32 sweep (experiment v6rule_configs_fp32)
     # has the lm_head at M=1 on 4 rows a warp (r4m1 145.5 us against r2m1's 167.4)
     assert launch.simt_launch(128256, 1, 4096) == (2, 1)
     assert launch.simt_launch(128256, 1, 4096, dtype="fp32") == (4, 1)

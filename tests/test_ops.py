@@ -1,5 +1,5 @@
 """gemm_4bit on the CPU: the reference is the float64 product of the exact dequantized weight, the CPU
-impls agree with it, bad calls name the problem; the GPU impls are checked by scripts/gpu_kernels.py."""
+impls agree with it, bad calls name the problem; the GPU impls are checked by tests/test_gpu.py."""
 from __future__ import annotations
 
 import pytest
