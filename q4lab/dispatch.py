@@ -49,10 +49,17 @@ class Rule:
     trees: dict[tuple[str, str, str], dict]  # (arch, dtype, quant_type) -> node; ANY matches every value
     provenance: dict = field(default_factory=dict)  # datasets, kernel_hash, git_commit, devices
 
+    def _key(self, arch: str, dtype: str, quant_type: str) -> tuple[str, str, str] | None:
+        keys = ((arch, dtype, quant_type), (arch, dtype, ANY), (arch, ANY, ANY))
+        return next((k for k in keys if k in self.trees), None)
+
+    def covers(self, arch: str, dtype: str, quant_type: str = "nf4") -> bool:
+        return self._key(arch, dtype, quant_type) is not None
+
     def tree(self, arch: str, dtype: str, quant_type: str = "nf4") -> dict:
-        for key in ((arch, dtype, quant_type), (arch, dtype, ANY), (arch, ANY, ANY)):
-            if key in self.trees:
-                return self.trees[key]
+        key = self._key(arch, dtype, quant_type)
+        if key is not None:
+            return self.trees[key]
         raise LookupError(f"the {self.kind} rule has nothing for arch {arch!r}, dtype {dtype!r}, {quant_type}; "
                           f"it covers {sorted(self.trees)}: fit one on that device's data (q4lab dispatch fit)")
 
@@ -225,12 +232,13 @@ def fit(df: pl.DataFrame, impls=None, kind: str = "shape", datasets=()) -> Rule:
 # ---------------------------------------------------------------------------------------------------------
 def regret(rule: Rule, df: pl.DataFrame, arch: str | None = None) -> pl.DataFrame:
     """Per grid point of `df`: the rule's `chosen` impl, the `best` of the rule's impls measured there, their
-    times and `regret` = time_chosen_us / time_best_us (null where the chosen impl was not measured).
-    `arch` applies that arch's rule to every row (transfer to another card)."""
+    times and `regret` = time_chosen_us / time_best_us, null where the chosen impl was not measured or the
+    rule does not cover the row's arch and dtype (`chosen` null: auto uses its defaults there). `arch`
+    applies that arch's rule to every row (transfer to another card)."""
     impls = [i for i in rule.impls if i in df["impl"].unique().to_list()]
     times, _ = point_times(df, impls)
-    chosen = [rule.choose(r["N"], r["K"], r["M"], r["dtype"], arch or r["arch"], r["quant_type"])
-              for r in times.select("N", "K", "M", "dtype", "arch", "quant_type").iter_rows(named=True)]
+    chosen = [rule.choose(N, K, M, dtype, arch or a, q) if rule.covers(arch or a, dtype, q) else None
+              for N, K, M, dtype, a, q in times.select("N", "K", "M", "dtype", "arch", "quant_type").iter_rows()]
     t = _times(times, impls)
     best = t.argmin(axis=1)
     column = {impl: i for i, impl in enumerate(impls)}

@@ -122,10 +122,10 @@ def auto_impl(N: int, K: int, M: int, dtype: torch.dtype, device: torch.device |
     device = torch.device(device)
     name = _DTYPE_NAME[dtype]
     default = "simt" if device.type == "cuda" and M <= AUTO_SIMT_MAX_M[name] else "dequant_blas"
-    try:
-        impl = dispatch_rule().choose(N, K, M, name, device_arch(device), quant_type)
-    except LookupError:
+    rule, arch = dispatch_rule(), device_arch(device)
+    if not rule.covers(arch, name, quant_type):
         return default
+    impl = rule.choose(N, K, M, name, arch, quant_type)
     if device not in _available:
         _available[device] = available_impls(device)
     return impl if _available[device].get(impl, "unknown impl") is None else default

@@ -81,6 +81,8 @@ def test_a_chosen_impl_not_measured_is_left_unscored(h100):
     assert scored.filter(pl.col("M") == 1)["regret"].null_count() == scored.filter(pl.col("M") == 1).height
     summary = dispatch.summarize(scored.with_columns(pl.lit("x").alias("kind"))).row(0, named=True)
     assert summary["n_unscored"] == scored.filter(pl.col("M") == 1).height
+    elsewhere = dispatch.regret(rule, h100.with_columns(pl.lit("sm_80").alias("arch")))  # an arch it lacks
+    assert elsewhere["chosen"].null_count() == elsewhere["regret"].null_count() == elsewhere.height
 
 
 def test_transfer_scores_each_device_with_the_others_rule():

@@ -159,6 +159,9 @@ def test_dispatch_records_held_out_regret_transfer_and_the_roll_up(runs, synthet
     assert recorded.sort("device", "kind").equals(expected.sort("device", "kind"))
     h100 = {r["kind"]: r for r in recorded.iter_rows(named=True) if r["device"].startswith("NVIDIA")}
     assert h100["shape"]["mean"] < h100["single"]["mean"]
+    shipped = pl.read_parquet(out / "dispatch_shipped.parquet")  # the shipped rule covers sm_90 only
+    assert shipped.filter(pl.col("device").str.starts_with("AMD"))["n_points"].sum() == 0
+    assert shipped.filter(pl.col("device").str.starts_with("NVIDIA"))["n_unscored"].sum() == 0
     transfer = pl.read_parquet(out / "dispatch_transfer.parquet")
     assert transfer.height == 2 * 2 * 2  # kinds x fitted on x scored on
     rolled = pl.read_parquet(out / "dispatch_rollup.parquet")
