@@ -27,7 +27,7 @@ import threading
 import uuid
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -44,6 +44,12 @@ from q4lab.runlog import (IDENTITY, Point, PointLog, RawLog, SweepError, check_i
 from q4lab.shapes import Shape, nsweep_shape, select
 
 GRID_MS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 2048)
+# The shipped grid (q4lab sweep grid --preset shipped): every shape, dtype and timed impl at the Ms the
+# analyses read. The largest per-shape crossover of simt against dequant_blas lies below 48 rows for
+# fp16/bf16 and below 256 for fp32, so M past 256 only costs time (half the device time of the old grid);
+# gemv re-reads the weight per activation row and stops at M=64.
+SHIPPED_MS = tuple(m for m in GRID_MS if m <= 256)
+SHIPPED_IMPL_MAX_M = {"gemv": 64}
 TIMED_IMPLS = tuple(i for i in ops.IMPLS if i != "reference")
 # The simt kernel at one fixed launch configuration, as an impl name: "simt/r{R}m{MT}" (q4lab configs)
 CONFIG_IMPLS = tuple(f"simt/r{R}m{MT}" for R, MT in launch.SIMT_CONFIGS)
@@ -72,24 +78,27 @@ class Plan:
     blocksize: int
     nested: bool
     cold: bool
+    impl_max_m: dict[str, int] = field(default_factory=dict)  # impl -> largest M it is timed at
 
     def points(self, chunk: Chunk, impls: tuple[str, ...]) -> list[Point]:
         """The chunk's points for `impls` (those of self.impls the device runs), ordered so that all impls
         of one (shape, dtype, M) sit together."""
         return [Point(self.sweep, s.name, s.family, s.N, s.K, M, impl, dtype, chunk.quant_type,
                       self.blocksize, self.nested, self.cold)
-                for s in chunk.shapes for dtype in self.dtypes for M in self.ms for impl in impls]
+                for s in chunk.shapes for dtype in self.dtypes for M in self.ms for impl in impls
+                if M <= self.impl_max_m.get(impl, M)]
 
 
 # ---------------------------------------------------------------------------------------------- runs
 
 def run_grid(shapes, ms, dtypes, impls, quant_types=("nf4",), blocksize=64, nested=False, device=None,
              log=None, rounds=3, cold=True, *, tol=0.05, max_remeasure=2, sweep="grid", progress=True,
-             part=None, interleave_ms=True, stop=None) -> pl.DataFrame:
+             part=None, interleave_ms=True, stop=None, impl_max_m=None) -> pl.DataFrame:
     """Time every (shape, M, dtype, impl, quant type). `shapes`: Shape values, or names/families/"all"
     (see q4lab.shapes.select); `impls`: names, or "all" for every impl but the reference. Returns this
     grid's measured rows in the dataset SCHEMA; `log` (a path) keeps every round and makes the sweep
-    resumable. `part=(i, n)`: only the i-th of n balanced parts of the grid.
+    resumable. `part=(i, n)`: only the i-th of n balanced parts of the grid. `impl_max_m`: {impl: largest
+    M} for impls not worth timing at every M.
 
     `progress`: a tqdm bar of rounds (True), none (False), or a callable `progress(step, done, total)`
     told "measuring bandwidth and launch", then "point k of n" as points finish. `stop`: a
@@ -103,7 +112,7 @@ def run_grid(shapes, ms, dtypes, impls, quant_types=("nf4",), blocksize=64, nest
     shape_list = _shape_list(shapes)
     quant_types = _names(quant_types, formats.QUANT_TYPES, "quant type")
     chunks = tuple(Chunk((s,), qt) for s in shape_list for qt in quant_types)
-    plan = _plan(sweep, chunks, ms, dtypes, impls, blocksize, nested, cold)
+    plan = _plan(sweep, chunks, ms, dtypes, impls, blocksize, nested, cold, impl_max_m)
     return _run(plan, device, log, rounds, tol, max_remeasure, progress, part, interleave_ms, stop)
 
 
@@ -123,10 +132,10 @@ def run_nsweep(K, ms, n_start, n_stop, n_step, impls, dtypes=("fp16",), quant_ty
     return _run(plan, device, log, rounds, tol, max_remeasure, progress, part)
 
 
-def _plan(sweep, chunks, ms, dtypes, impls, blocksize, nested, cold) -> Plan:
+def _plan(sweep, chunks, ms, dtypes, impls, blocksize, nested, cold, impl_max_m=None) -> Plan:
     """The validated plan both runners hand to `_run`."""
     return Plan(sweep, chunks, _ms(ms), _names(dtypes, tuple(ops.DTYPES), "dtype"), _impls(impls), blocksize,
-                bool(nested), bool(cold))
+                bool(nested), bool(cold), dict(impl_max_m or {}))
 
 
 def _shape_list(spec) -> list[Shape]:

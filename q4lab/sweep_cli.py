@@ -16,7 +16,11 @@ import torch
 from q4lab import formats, ops
 from q4lab.runlog import SweepError, compact
 from q4lab.shapes import FAMILIES, Shape
-from q4lab.sweep import CONFIG_IMPLS, GRID_MS, RUNNERS, TIMED_IMPLS
+from q4lab.sweep import CONFIG_IMPLS, GRID_MS, RUNNERS, SHIPPED_IMPL_MAX_M, SHIPPED_MS, TIMED_IMPLS
+
+# The grid options --preset shipped leaves at their defaults
+SHIPPED_DEFAULTS = {"shapes": "all", "m": None, "dtypes": "fp16,bf16,fp32", "impls": ",".join(TIMED_IMPLS),
+                    "quant_types": "nf4", "repeat": False}
 
 _WORKER = "import json, sys, q4lab.sweep as s; s.RUNNERS[sys.argv[1]](**json.loads(sys.argv[2]))"
 
@@ -77,7 +81,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--shapes", default="all",
                       help=f"comma-separated shape names, families ({', '.join(FAMILIES)}) or 'all' "
                            f"(default)")
-    grid.add_argument("--m", type=_int_list, default=",".join(map(str, GRID_MS)), help="M values (default: %(default)s)")
+    grid.add_argument("--m", type=_int_list, help=f"M values (default: {','.join(map(str, GRID_MS))})")
     grid.add_argument("--dtypes", default="fp16,bf16,fp32", help=f"of {', '.join(ops.DTYPES)} (default: %(default)s)")
     grid.add_argument("--impls", default=",".join(TIMED_IMPLS),
                       help=f"of {', '.join(ops.IMPLS)}, or 'all' for {', '.join(TIMED_IMPLS)} (the default)")
@@ -85,6 +89,10 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f"of {', '.join(formats.QUANT_TYPES)} (default: %(default)s)")
     grid.add_argument("--repeat", action="store_true",
                       help="label the rows sweep='repeat': a re-measurement to show run-to-run spread")
+    grid.add_argument("--preset", choices=("shipped",),
+                      help=f"the shipped grid (data/README.md): every shape, dtype and timed impl at M "
+                           f"{','.join(map(str, SHIPPED_MS))}, gemv up to M={SHIPPED_IMPL_MAX_M['gemv']}; "
+                           f"about 10 minutes with --gpus all on two H200s")
 
     nsweep = sub.add_parser("nsweep", help="N from start to stop by step at fixed K",
                             description="Time an N sweep into a raw log, then compact it into a parquet dataset.")
@@ -145,9 +153,14 @@ def sweep_command(args: argparse.Namespace) -> int:
         return 0
     common = _run_options(args)
     if args.sweep_command == "grid":
-        func, kwargs = "run_grid", dict(shapes=args.shapes, ms=args.m, dtypes=args.dtypes, impls=args.impls,
-                                        quant_types=args.quant_types, sweep="repeat" if args.repeat else "grid",
-                                        **common)
+        func, kwargs = "run_grid", dict(shapes=args.shapes, ms=args.m or GRID_MS, dtypes=args.dtypes,
+                                        impls=args.impls, quant_types=args.quant_types,
+                                        sweep="repeat" if args.repeat else "grid", **common)
+        if args.preset == "shipped":
+            given = [f"--{k.replace('_', '-')}" for k, default in SHIPPED_DEFAULTS.items() if getattr(args, k) != default]
+            if given:
+                raise SweepError(f"--preset shipped fixes the grid: leave out {', '.join(given)} (or the preset)")
+            kwargs |= dict(ms=SHIPPED_MS, impl_max_m=SHIPPED_IMPL_MAX_M)
     else:
         func, kwargs = "run_nsweep", dict(K=args.k, ms=args.m, n_start=args.n_start, n_stop=args.n_stop,
                                           n_step=args.n_step, impls=args.impls, dtypes=args.dtypes,

@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 import torch
 
-from q4lab import bench, cli, dataset, launch, ops, sweep
+from q4lab import bench, cli, dataset, launch, ops, sweep, sweep_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,3 +64,17 @@ def test_an_experiment_dataset_is_described_and_says_where_it_comes_from(path):
     assert frame.height > 0 and f"experiments/{path.name}" in (REPO / "data" / "README.md").read_text()
     for column in ("experiment", "device", "date", "kernels", "source", "recorded_in"):
         assert frame[column].null_count() == 0, column
+
+
+def test_the_shipped_preset_measures_the_ms_the_analyses_read(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setitem(sweep.RUNNERS, "run_grid", lambda **kw: asked.append(kw))
+    monkeypatch.setattr(sweep_cli, "compact", lambda logs, out: pl.DataFrame())
+    assert cli.main(["sweep", "grid", "--preset", "shipped", "--out", str(tmp_path / "g.parquet")]) == 0
+    assert asked[0]["ms"] == sweep.SHIPPED_MS and max(sweep.SHIPPED_MS) == 256
+    assert asked[0]["impl_max_m"] == {"gemv": 64} and asked[0]["impls"] == ",".join(sweep.TIMED_IMPLS)
+    assert cli.main(["sweep", "grid", "--preset", "shipped", "--m", "1,2", "--out", str(tmp_path / "g.parquet")]) == 2
+    plan = sweep._plan("grid", (sweep.Chunk((sweep.select(["llama-3-8b.q_proj"])[0],), "nf4"),), [1, 64, 128],
+                       ["fp16"], ["simt", "gemv"], 64, False, True, {"gemv": 64})
+    points = plan.points(plan.chunks[0], plan.impls)
+    assert sorted((p.impl, p.M) for p in points) == [("gemv", 1), ("gemv", 64), ("simt", 1), ("simt", 64), ("simt", 128)]
