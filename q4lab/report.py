@@ -177,7 +177,7 @@ td,th{{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}}</style></h
 <h2>Reports</h2><ul>{links}</ul>
 {sections}
 <h2>Median crossover per device and dtype</h2>{figure}
-<h2>Data</h2><ul>{files}</ul>{provenance}
+<h2>Data</h2><ul>{files}</ul>{origins}
 </body></html>"""
     index = out_dir / "index.html"
     write_atomic(index, page)
@@ -197,7 +197,7 @@ def build_reports(out_dir="reports", data=DEFAULT_DATA, notebooks=NOTEBOOKS, par
     data_files = resolve(data)  # fail once, clearly, before any notebook starts when there is no data
     frame = dataset.load(data_files)
     header = provenance.versions_html(provenance.version_lines(provenance.kernel_versions(data_files), REPO))
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # papermill chdirs the whole process while a notebook runs: no relative paths
     with contextlib.ExitStack() as held:
         try:
             out.mkdir(parents=True, exist_ok=True)

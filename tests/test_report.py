@@ -91,6 +91,8 @@ def test_index_links_the_reports_and_states_the_headlines(built):
     assert index.count("1 camping outlier(s) of 18 shapes") == 4  # two devices x two dtypes
     assert "strongest family mult_2048" in index and "strongest family mult_3072" in index
     assert "18 unstable row(s)" in index
+    for device in frame["device"].unique():  # where the rows come from, as a table with the names unquoted
+        assert f"<td>{device}</td>" in index
 
 
 def test_every_page_names_the_kernel_version_and_flags_the_changed_kernels(built):
@@ -207,3 +209,22 @@ def test_report_command_checks_parameters_before_running_anything(monkeypatch, c
     assert cli.main(["report", "--live", "yes", "-p", "crossover.dtypes=fp32", "-p", "n_resonance.K=8192"]) == 0
     assert seen["parameters"]["crossover"] == {"live": True, "dtypes": ["fp32"]} and seen["jobs"] == 1
     assert seen["parameters"]["n_resonance"] == {"live": True, "K": 8192}
+
+
+def test_a_relative_out_folder_reaches_the_notebooks_absolute(tmp_path, monkeypatch):
+    """papermill changes the whole process's working directory while a notebook runs, so a relative path
+    handed to a notebook run (or written beside one) would land elsewhere."""
+    data = tmp_path / "d.parquet"
+    synthetic_dataset(devices=("H100",), dtypes=("fp16",), nsweep=None).write_parquet(data)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    seen = []
+
+    def fake_run(name, out, params, *args, **kwargs):
+        seen.append((out, params["export_dir"]))
+        return report.NotebookResult(name, out / f"{name}.html", 0.0)
+
+    monkeypatch.setattr(report, "run_notebook", fake_run)
+    report.build_reports("rel", str(data), notebooks=("crossover",), log=lambda *a, **k: None)
+    assert seen == [(tmp_path / "elsewhere" / "rel", str(tmp_path / "elsewhere" / "rel"))]
+    assert (tmp_path / "elsewhere" / "rel" / "index.html").is_file()
