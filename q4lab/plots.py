@@ -279,6 +279,12 @@ def crossover_median(df: pl.DataFrame, ref_impl: str = "dequant_blas", impls=Non
     return fig
 
 
+def _gaps(z: np.ndarray) -> list:
+    """A heatmap's z with its empty cells as None: NaN is not JSON, and a FigureWidget (the prober's linked
+    heatmap) would warn on every message."""
+    return [[None if np.isnan(v) else float(v) for v in row] for row in z]
+
+
 def crossover_heatmap(crossovers: pl.DataFrame) -> go.Figure:
     """Crossover M* per shape (rows) and dtype (columns; one column per dtype and baseline when there are
     several baselines), a panel per device. The colour scale spans the finite M* found (log scale);
@@ -305,7 +311,7 @@ def crossover_heatmap(crossovers: pl.DataFrame) -> go.Figure:
             z[i, j], text[i, j] = math.log2(value), row["crossover_label"]
             info[i, j] = (f"N={row['N']}, K={row['K']}<br>vs {row['impl_b']}<br>crossings: {row['n_crossings']}"
                           f"<br>stable: {row['stable']}")
-        fig.add_trace(go.Heatmap(z=z, x=columns, y=shapes, text=text, texttemplate="%{text}", customdata=info,
+        fig.add_trace(go.Heatmap(z=_gaps(z), x=columns, y=shapes, text=text, texttemplate="%{text}", customdata=info,
                                  zmin=math.log2(lo), zmax=math.log2(hi), colorscale="Viridis",
                                  showscale=c == 1, colorbar={"title": "M*", "tickvals": np.log2(ticks),
                                                              "ticktext": [f"{t:g}" for t in ticks]},
@@ -315,7 +321,7 @@ def crossover_heatmap(crossovers: pl.DataFrame) -> go.Figure:
     fig.update_xaxes(side="top", tickangle=0)
     fig.update_yaxes(autorange="reversed")  # the smallest shapes on top, as in the per-shape table
     fig.update_annotations(yshift=45)  # device names above the column labels
-    fig.update_layout(height=max(350, 24 * len(shapes) + 220), margin={"t": 170},
+    fig.update_layout(height=max(350, 20 * len(shapes) + 220), margin={"t": 170},
                       title=f"batch size M* up to which {crossovers['impl_a'][0]} beats the baseline, per shape "
                             "(colour: log M*; '>' and '<': censored at the largest / smallest M measured)")
     return fig
@@ -434,18 +440,19 @@ def device_ratio(comparison: pl.DataFrame) -> go.Figure:
         ratio = np.full((len(shapes), len(ms)), np.nan)
         for row in part.iter_rows(named=True):
             ratio[shapes.index(row["shape"]), ms.index(row["M"])] = row["ratio"]
-        fig.add_trace(go.Heatmap(z=np.log2(ratio), x=[str(m) for m in ms], y=shapes, text=np.round(ratio, 2),
-                                 texttemplate="%{text}", zmid=0, zmin=-reach, zmax=reach, colorscale="RdBu_r",
+        fig.add_trace(go.Heatmap(z=_gaps(np.log2(ratio)), x=[str(m) for m in ms], y=shapes, text=np.round(ratio, 2),
+                                 texttemplate="%{text}", textfont={"size": 8}, zmid=0, zmin=-reach, zmax=reach, colorscale="RdBu_r",
                                  showscale=c == 1, colorbar={"title": "B / A", "tickvals": np.log2(ticks),
                                                              "ticktext": [f"{t:g}" for t in ticks]},
                                  hovertemplate="shape %{y}<br>M = %{x}<br>time B / A = %{text}<extra></extra>"),
                       row=1, col=c)
     device_a, device_b = comparison["device_a"][0], comparison["device_b"][0]
-    fig.update_xaxes(title_text="batch size M", type="category", side="top")
+    fig.update_xaxes(type="category", side="top")
     fig.update_yaxes(autorange="reversed")
     fig.update_annotations(yshift=40)
-    fig.update_layout(height=max(350, 24 * len(shapes) + 220), margin={"t": 170},
-                      title=f"{comparison['impl'][0]}: time on B = {device_b} over A = {device_a}")
+    fig.update_layout(height=max(350, 14 * len(shapes) + 220), margin={"t": 170},
+                      title=f"{comparison['impl'][0]}: time on B = {device_b} over A = {device_a}, per shape (rows) "
+                            "and batch size M (columns)")
     return fig
 
 

@@ -152,10 +152,12 @@ def static_html(frame: pl.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def show(frame: pl.DataFrame, title: str, name: str = "", export_dir: str = "", columns=None) -> None:
-    """Display `frame` (only `columns`, if given) as an interactive table under `title`, with its constant
-    columns said once above it; an empty frame shows as "none". With `name` and `export_dir`, write the
-    whole frame there as CSV and parquet first and link both (relative: the page sits beside them)."""
+def show(frame: pl.DataFrame, title: str, name: str = "", export_dir: str = "", columns=None,
+         page_rows: int = 10) -> None:
+    """Display `frame` (only `columns`, if given) as an interactive table of `page_rows` rows a page under
+    `title`, with its constant columns said once above it; an empty frame shows as "none", and
+    `page_rows=0` shows the title, the row count and the links only. With `name` and `export_dir`, write
+    the whole frame there as CSV and parquet first and link both (relative: the page sits beside them)."""
     import itables
     from IPython.display import HTML, display
 
@@ -170,11 +172,11 @@ def show(frame: pl.DataFrame, title: str, name: str = "", export_dir: str = "", 
         links = f" <small>(download: {links})</small>"
     shown, constant = display_frame(frame.select(columns) if columns else frame)
     header = f"<p><b>{html.escape(title)}</b>{links}"
-    if frame.is_empty():
-        display(HTML(header + ": none</p>"))
+    if frame.is_empty() or not page_rows:
+        display(HTML(header + (": none" if frame.is_empty() else f": {frame.height} rows") + "</p>"))
         return
     if constant:
         header += "<br><small>" + "; ".join(f"{html.escape(c)}: {html.escape(str(v))}" for c, v in constant.items()) + "</small>"
     display(HTML(header + "</p>" + itables.to_html_datatable(
         shown, showIndex=False, show_dtypes=False, maxBytes=0, scrollX=True, classes="display compact",
-        display_logo_when_loading=False)))
+        pageLength=page_rows, lengthMenu=sorted({page_rows, 10, 25, 100}), display_logo_when_loading=False)))

@@ -171,3 +171,12 @@ def test_a_flagged_n_of_no_family_is_still_drawn(df):
     lone = per_n.with_columns(pl.when(pl.col("N") == 2048).then(None).otherwise(pl.col("family")).alias("family"))
     fig = plots.resonance_plot(lone)
     assert [list(t.x) for t in fig.data if t.name == "flagged: no family"] == [[2048]]
+
+
+def test_heatmap_gaps_are_json_nulls_a_widget_can_send(df):
+    import json
+
+    fig = plots.crossover_heatmap(tables.all_crossovers(df, "simt", ["bnb", "dequant_blas"]))  # no bnb on gfx1201
+    rdna = fig.data[0].z
+    assert rdna[0][0] is None and rdna[0][-1] is not None
+    json.dumps([list(t.z) for t in fig.data], allow_nan=False)  # NaN would raise here

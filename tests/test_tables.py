@@ -118,3 +118,14 @@ def test_static_html_shows_strings_unquoted_and_escaped():
     page = tables.static_html(pl.DataFrame({"device": ["NVIDIA H100 <80GB>"], "rows": [3]}))
     assert page == ("<table><thead><tr><th>device</th><th>rows</th></tr></thead>"
                     "<tbody><tr><td>NVIDIA H100 &lt;80GB&gt;</td><td>3</td></tr></tbody></table>")
+
+
+def test_show_pages_the_table_or_links_it_alone(monkeypatch, tmp_path):
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda *objs, **kw: shown.extend(objs))
+    frame = pl.DataFrame({"shape": [f"s{i}" for i in range(30)], "N": range(30)})
+    tables.show(frame, "Paged", page_rows=5)
+    assert '"pageLength": 5' in shown[-1].data
+    tables.show(frame, "Linked", name="linked", export_dir=str(tmp_path), page_rows=0)
+    assert shown[-1].data.endswith(": 30 rows</p>") and "<table" not in shown[-1].data
+    assert pl.read_csv(tmp_path / "linked.csv").height == 30
