@@ -3,6 +3,7 @@
 | impl         | what runs                                                   | where        |
 |--------------|-------------------------------------------------------------|--------------|
 | simt         | fused dequantize+GEMM kernel (kernels/q4_gemm.cu)           | GPU          |
+| mma          | fused dequantize + tensor-core GEMM (kernels/q4_mma.cu): fp16/bf16, blocksize >= 64 | NVIDIA sm_80+ |
 | gemv         | the classic one-warp-per-output baseline, row by row        | GPU          |
 | dequant_blas | dequantize kernel to a dense weight, then torch.matmul      | GPU (CPU: torch dequantize) |
 | dense        | the unquantized weight through BLAS                         | GPU, CPU     |
@@ -29,7 +30,7 @@ from q4lab import dispatch, formats, kernels
 from q4lab.formats import Q4Weight
 
 # Literals: q4lab.dataset reads both names from this source to check datasets without importing torch
-IMPLS = ("simt", "gemv", "dequant_blas", "dense", "bnb", "reference")
+IMPLS = ("simt", "mma", "gemv", "dequant_blas", "dense", "bnb", "reference")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_CODE = {DTYPES[name]: code for name, code in kernels.DTYPE_CODES.items()}
 _DTYPE_NAME = {dtype: name for name, dtype in DTYPES.items()}
@@ -89,12 +90,36 @@ def _kernel_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+def _mma_unavailable_reason(device: torch.device) -> str | None:
+    reason = _kernel_unavailable_reason(device)
+    if reason is None and not kernels.library().q4_mma_supported():
+        reason = ("needs an NVIDIA GPU of sm_80 or later; its AMD form (WMMA/MFMA) is not written, and an AMD "
+                  "path that has never run on a card is not offered")
+    return reason
+
+
+def unsupported_reason(impl: str, dtype: str, blocksize: int) -> str | None:
+    """Why `impl` cannot take this activation dtype / blocksize on any device, or None."""
+    return mma_unsupported_reason(dtype, blocksize) if impl == "mma" else None
+
+
+def mma_unsupported_reason(dtype: str, blocksize: int) -> str | None:
+    """Why impl "mma" cannot take this activation dtype / blocksize, or None (device aside)."""
+    if dtype == "fp32":
+        return "impl 'mma' takes fp16/bf16 activations (the tensor cores' operands); fp32 runs on 'simt'"
+    if blocksize < 64:
+        return (f"impl 'mma' needs blocksize >= 64 (one absmax block a 64-weight tile), this weight has "
+                f"{blocksize}: use 'simt'")
+    return None
+
+
 def available_impls(device: torch.device | str = "cpu") -> dict[str, str | None]:
     """impl -> None when it runs on `device`, else why not."""
     device = torch.device(device)
     kernel_reason = _kernel_unavailable_reason(device)
     return {
         "simt": kernel_reason,
+        "mma": _mma_unavailable_reason(device) if kernel_reason is None else kernel_reason,
         "gemv": kernel_reason,
         "dequant_blas": kernel_reason if device.type == "cuda" else None,
         "dense": None,
@@ -223,6 +248,59 @@ def simt_blocks_per_sm(dtype: torch.dtype, nested: bool = False) -> dict[tuple[i
     return dict(zip(kernels.SIMT_TABLE_ORDER, table))
 
 
+# Split-K scratch of the mma kernel per (device, stream): fp32 partials and the per-tile tickets, which every
+# launch leaves at zero. One per stream, so launches on different streams never share tickets.
+_mma_scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def mma_config(N: int, M: int, K: int, device: torch.device | None = None, split: int = 0) -> tuple[int, int]:
+    """The mma launch the library picks for this shape on this GPU: (K split, batch rows a block)."""
+    sms = torch.cuda.get_device_properties(device or torch.cuda.current_device()).multi_processor_count
+    got_split, m_tile = ctypes.c_int(split), ctypes.c_int(0)
+    kernels.check(kernels.library().q4_mma_config(N, M, K, sms, ctypes.byref(got_split), ctypes.byref(m_tile)))
+    return got_split.value, m_tile.value
+
+
+def _mma_scratch_for(device: torch.device, stream: int, floats: int, tickets: int):
+    key = (device.index if device.index is not None else torch.cuda.current_device(), stream)
+    ws, tk = _mma_scratch.get(key, (None, None))
+    if ws is None or ws.numel() < floats or tk.numel() < tickets:
+        ws = torch.empty(max(floats, 1), dtype=torch.float32, device=device)
+        tk = torch.zeros(max(tickets, 1), dtype=torch.int32, device=device)
+        _mma_scratch[key] = (ws, tk)
+    return ws, tk
+
+
+def mma_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *, split: int = 0,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """The mma kernel with its K split chosen by hand (`split` blocks share each output tile's K, 1..16;
+    0 lets the library pick, as gemm_4bit(impl="mma") does)."""
+    _check(A, w, bias, "mma")
+    A2 = A.reshape(-1, w.K)
+    out = torch.empty(A2.shape[0], w.N, dtype=A.dtype, device=A.device) if out is None else out
+    return _mma(A2, w, bias, out, split).reshape(*A.shape[:-1], w.N)
+
+
+def _mma(A2: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, out: torch.Tensor, split: int = 0) -> torch.Tensor:
+    reason = mma_unsupported_reason(_DTYPE_NAME[A2.dtype], w.blocksize)
+    if reason:
+        raise ValueError(reason)
+    A2 = A2.contiguous()
+    M = A2.shape[0]
+    split, m_tile = mma_config(w.N, M, w.K, A2.device, split)
+    stream = torch.cuda.current_stream(A2.device).cuda_stream
+    tickets = -(-w.N // 64) * -(-M // m_tile)
+    ws, tk = _mma_scratch_for(A2.device, stream, split * M * w.N if split > 1 else 0, tickets if split > 1 else 0)
+    nested = w.nested
+    kernels.check(kernels.library().q4_mma_gemm(
+        _DTYPE_CODE[A2.dtype], int(nested), A2.data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(),
+        w.nested_absmax.data_ptr() if nested else None, w.nested_code.data_ptr() if nested else None,
+        w.nested_offset if nested else 0.0, w.code.data_ptr(),
+        bias.contiguous().data_ptr() if bias is not None else None, out.data_ptr(), M, w.N, w.K, w.blocksize,
+        split, ws.data_ptr(), tk.data_ptr(), stream))
+    return out
+
+
 def dequantize_gpu(w: Q4Weight, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight [N, K] in `dtype`, decoded by the dequantize kernel (one pass, no cache)."""
     lib = kernels.library()
@@ -272,6 +350,10 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
     out = torch.empty(M, w.N, dtype=A.dtype, device=A.device) if out is None else _check_out(out, A2, w, bias)
     if impl == "auto":
         impl = auto_impl(w.N, w.K, M, A2.dtype, A2.device, w.quant_type)
+    if impl == "mma":
+        reason = mma_unsupported_reason(_DTYPE_NAME[A2.dtype], w.blocksize) or _mma_unavailable_reason(A2.device)
+        if reason:
+            raise kernels.KernelError(f"impl 'mma' is unavailable: {reason}")
     if impl in _KERNEL_IMPL or (impl == "dequant_blas" and A2.is_cuda):
         reason = _kernel_unavailable_reason(A2.device)
         if reason:
@@ -283,6 +365,8 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
         out.copy_(_reference(A2, w, bias))
     elif impl in _KERNEL_IMPL:
         _kernel(impl, A2, w, bias, out)
+    elif impl == "mma":
+        _mma(A2, w, bias, out)
     elif impl in ("dequant_blas", "dense"):
         if impl == "dense":
             W = dense_weight(w, A2.dtype)

@@ -82,11 +82,13 @@ class Plan:
 
     def points(self, chunk: Chunk, impls: tuple[str, ...]) -> list[Point]:
         """The chunk's points for `impls` (those of self.impls the device runs), ordered so that all impls
-        of one (shape, dtype, M) sit together."""
+        of one (shape, dtype, M) sit together; an impl is planned only for the dtypes and blocksize it
+        takes (mma: fp16/bf16, blocksize >= 64)."""
         return [Point(self.sweep, s.name, s.family, s.N, s.K, M, impl, dtype, chunk.quant_type,
                       self.blocksize, self.nested, self.cold)
                 for s in chunk.shapes for dtype in self.dtypes for M in self.ms for impl in impls
-                if M <= self.impl_max_m.get(impl, M)]
+                if M <= self.impl_max_m.get(impl, M)
+                and ops.unsupported_reason(impl, dtype, self.blocksize) is None]
 
 
 # ---------------------------------------------------------------------------------------------- runs

@@ -377,3 +377,27 @@ def test_amd_resources_without_clang_or_with_an_unknown_target_say_what_to_do(mo
     monkeypatch.setattr(amd_asm.shutil, "which", lambda name: None)
     with pytest.raises(kernels.KernelError, match="apt-get install clang-19 libamdhip64-dev"):
         amd_asm.assembly(("gfx1201",))
+
+
+def mma_config(lib, N, M, K, sms=132, split=0):
+    s, m_tile = ctypes.c_int(split), ctypes.c_int(0)
+    err = lib.q4_mma_config(N, M, K, sms, ctypes.byref(s), ctypes.byref(m_tile))
+    return err, s.value, m_tile.value
+
+
+def test_mma_launch_splits_k_only_where_the_rows_cannot_fill_the_gpu(cuda_library):
+    lib = kernels.open_library(cuda_library)
+    # batch tile: the smallest of 8/16/32/64 rows that holds M
+    assert [mma_config(lib, 4096, M, 4096)[2] for M in (1, 8, 9, 16, 17, 33, 64, 200)] == [8, 8, 16, 16, 32, 64, 64, 64]
+    # 2004 blocks of 64 rows fill 132 SMs many times: no split; 16 blocks (N=1024): the most the K allows
+    assert mma_config(lib, 128256, 1, 4096)[1] == 1
+    assert mma_config(lib, 1024, 1, 4096)[1] == 4096 // 64 // 8
+    assert 1 < mma_config(lib, 4096, 1, 4096)[1] <= 16
+    # every split leaves each block at least two pipeline stages of K (4 tiles a stage up to M=16)
+    for N, M, K in itertools.product((64, 1024, 8192), (1, 16, 64), (64, 512, 4096)):
+        err, split, m_tile = mma_config(lib, N, M, K)
+        assert err == 0 and 1 <= split and (split == 1 or K // 64 // split >= 2 * (4 if m_tile <= 16 else 2))
+    # a forced split is kept when the K has that many tiles, refused otherwise; K must be whole tiles
+    assert mma_config(lib, 4096, 1, 4096, split=3)[:2] == (0, 3)
+    assert mma_config(lib, 4096, 1, 128, split=3)[0] != 0
+    assert mma_config(lib, 4096, 1, 4000)[0] != 0
