@@ -206,8 +206,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q4_simt_blocks_per_sm.restype = i
     lib.q4_mma_gemm.argtypes = [i, i, p, p, p, p, p, f, p, p, p, i, i, i, i, i, p, p, p]
     lib.q4_mma_gemm.restype = i
-    lib.q4_mma_config.argtypes = [i, i, i, i, ctypes.POINTER(i), ctypes.POINTER(i)]
+    lib.q4_mma_config.argtypes = [i, i, i, i, i, ctypes.POINTER(i), ctypes.POINTER(i)]
     lib.q4_mma_config.restype = i
+    lib.q4_mma_plan.argtypes = [i, i, i, i, i, ctypes.POINTER(i), ctypes.POINTER(i)]
+    lib.q4_mma_plan.restype = i
     lib.q4_mma_supported.argtypes = []
     lib.q4_mma_supported.restype = i
     for name in ("q4_source_hash", "q4_targets"):

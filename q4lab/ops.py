@@ -20,6 +20,7 @@ GPU, dequant_blas above and on a CPU.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import weakref
@@ -253,11 +254,16 @@ def simt_blocks_per_sm(dtype: torch.dtype, nested: bool = False) -> dict[tuple[i
 _mma_scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def mma_config(N: int, M: int, K: int, device: torch.device | None = None, split: int = 0) -> tuple[int, int]:
-    """The mma launch the library picks for this shape on this GPU: (K split, batch rows a block)."""
-    sms = torch.cuda.get_device_properties(device or torch.cuda.current_device()).multi_processor_count
+def mma_config(w: Q4Weight, M: int, dtype: torch.dtype, split: int = 0) -> tuple[int, int]:
+    """The mma launch the library picks for this weight and batch on the current GPU: (K split, batch rows a
+    block); a `split` > 0 is kept if the K allows it."""
+    return _mma_plan(torch.cuda.current_device(), _DTYPE_CODE[dtype], int(w.nested), w.N, M, w.K, split)
+
+
+@functools.lru_cache(maxsize=4096)  # the plan asks the runtime for the residency: microseconds a launch
+def _mma_plan(device: int, dtype: int, nested: int, N: int, M: int, K: int, split: int) -> tuple[int, int]:
     got_split, m_tile = ctypes.c_int(split), ctypes.c_int(0)
-    kernels.check(kernels.library().q4_mma_config(N, M, K, sms, ctypes.byref(got_split), ctypes.byref(m_tile)))
+    kernels.check(kernels.library().q4_mma_plan(dtype, nested, N, M, K, ctypes.byref(got_split), ctypes.byref(m_tile)))
     return got_split.value, m_tile.value
 
 
@@ -287,7 +293,8 @@ def _mma(A2: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, out: torch.Te
         raise ValueError(reason)
     A2 = A2.contiguous()
     M = A2.shape[0]
-    split, m_tile = mma_config(w.N, M, w.K, A2.device, split)
+    with torch.cuda.device(A2.device):
+        split, m_tile = mma_config(w, M, A2.dtype, split)
     stream = torch.cuda.current_stream(A2.device).cuda_stream
     tickets = -(-w.N // 64) * -(-M // m_tile)
     ws, tk = _mma_scratch_for(A2.device, stream, split * M * w.N if split > 1 else 0, tickets if split > 1 else 0)

@@ -379,9 +379,9 @@ def test_amd_resources_without_clang_or_with_an_unknown_target_say_what_to_do(mo
         amd_asm.assembly(("gfx1201",))
 
 
-def mma_config(lib, N, M, K, sms=132, split=0):
+def mma_config(lib, N, M, K, sms=132, split=0, blocks_per_sm=4):
     s, m_tile = ctypes.c_int(split), ctypes.c_int(0)
-    err = lib.q4_mma_config(N, M, K, sms, ctypes.byref(s), ctypes.byref(m_tile))
+    err = lib.q4_mma_config(N, M, K, sms, blocks_per_sm, ctypes.byref(s), ctypes.byref(m_tile))
     return err, s.value, m_tile.value
 
 
