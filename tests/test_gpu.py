@@ -18,9 +18,11 @@ SHAPES = [(1, 64), (37, 64), (1003, 512), (4099, 4096), (515, 28672)]
 MS = (1, 2, 3, 4, 7, 8, 16, 33, 64)
 
 
-def gpu_impls() -> list[str]:
+def gpu_impls(dtype: str | None = None, blocksize: int = 64) -> list[str]:
+    """The timed impls this GPU runs (and that take `dtype` and `blocksize`, when given)."""
     reasons = ops.available_impls("cuda")
-    return [i for i in sweep.TIMED_IMPLS if reasons[i] is None]
+    return [i for i in sweep.TIMED_IMPLS if reasons[i] is None and (dtype is None or
+                                                                   ops.unsupported_reason(i, dtype, blocksize) is None)]
 
 
 def check(impl: str, A: torch.Tensor, w: formats.Q4Weight, bias, want: torch.Tensor, dtype: str) -> str | None:
@@ -44,7 +46,7 @@ def test_every_impl_matches_the_reference_and_writes_every_output(N, K):
             bias = torch.randn(N, device="cuda", generator=g).to(torch_dtype) if with_bias else None
             want = sweep.reference(A, w) + (bias.double() if with_bias else 0)
             failures += [f"{quant_type} nested={nested} {dtype} M={M} bias={with_bias} {why}"
-                         for impl in gpu_impls() if (why := check(impl, A, w, bias, want, dtype))]
+                         for impl in gpu_impls(dtype) if (why := check(impl, A, w, bias, want, dtype))]
     assert not failures, "\n".join(failures)
 
 
@@ -58,7 +60,7 @@ def test_every_blocksize_including_a_partial_last_group():
         A = torch.randn(5, K, device="cuda", generator=g, dtype=torch.float16)
         want = sweep.reference(A, w)
         failures += [f"blocksize {blocksize} {quant_type} nested={nested} {why}"
-                     for impl in gpu_impls() if (why := check(impl, A, w, None, want, "fp16"))]
+                     for impl in gpu_impls("fp16", blocksize) if (why := check(impl, A, w, None, want, "fp16"))]
     assert not failures, "\n".join(failures)
 
 
@@ -81,7 +83,7 @@ for (N, K), nested, dtype in itertools.product([(37, 64), (130, 1024)], (False, 
     for M in (1, 3, 9):
         A = torch.randn(M, K, device="cuda", generator=g).to(dtype)
         bias = torch.randn(N, device="cuda", generator=g).to(dtype)
-        for impl in ("simt", "gemv", "dequant_blas"):
+        for impl in ("simt", "gemv", "dequant_blas") + (("mma",) if dtype != torch.float32 else ()):
             ops.gemm_4bit(A, w, bias, impl)
 torch.cuda.synchronize()
 """

@@ -321,7 +321,7 @@ def test_compact_names_missing_empty_and_corrupt_files(tmp_path, monkeypatch):
 # --- bad input -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(impls=["dense", "fused"]), "unknown impl 'fused'; valid: simt, gemv"),
+    (dict(impls=["dense", "fused"]), "unknown impl 'fused'; valid: simt, mma, gemv"),
     (dict(dtypes=["fp8"]), "unknown dtype 'fp8'; valid: fp16, bf16, fp32"),
     (dict(shapes=["llama3-8b.kv"]), "close matches"),
     (dict(quant_types=["int4"]), "unknown quant type 'int4'"),
