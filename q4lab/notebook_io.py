@@ -72,14 +72,25 @@ def check(namespace: dict) -> dict:
         raise ParameterError("no annotated parameters in this namespace: run the parameters cell first")
     unknown = sorted(set(_injected_names(namespace)) - set(declared))
     if unknown:
-        raise ParameterError(f"unknown parameter(s) {unknown}: this notebook takes {sorted(declared)} "
+        close = {u: m[0] for u in unknown if (m := difflib.get_close_matches(u, list(declared), n=1))}
+        hint = "".join(f" (did you mean {m!r} for {u!r}?)" for u, m in close.items())
+        raise ParameterError(f"unknown parameter(s) {unknown}{hint}: this notebook takes {sorted(declared)} "
                              f"(papermill --help-notebook NOTEBOOK explains each)")
     for name, annotation in declared.items():
         value = namespace.get(name)
         if not _matches(value, annotation):
             raise ParameterError(f"parameter {name!r} = {value!r} is a {type(value).__name__}; "
-                                 f"it must be {_type_name(annotation)}")
+                                 f"it must be {_type_name(annotation)}{_accepted_form(name, annotation, value)}")
     return {name: namespace[name] for name in declared}
+
+
+def _accepted_form(name: str, annotation, value) -> str:
+    """How to pass a list on the command line (papermill's -p passes one string): YAML through -y."""
+    if list in (typing.get_origin(annotation), annotation):
+        items = f"[{value}]" if isinstance(value, (str, int, float)) else "[a, b]"
+        return (f"; pass a list as YAML: papermill ... -y '{name}: {items}' (one value too, in brackets), "
+                f"or q4lab report -p 'NOTEBOOK.{name}={items}'")
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------------------

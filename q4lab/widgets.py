@@ -264,8 +264,12 @@ class ShapeProber:
             self._listing = False
 
     def snapshot(self) -> go.Figure:
-        """A static copy of the current figure (exported HTML cannot show the live widget)."""
-        return go.Figure(self.figure)
+        """A static copy of the current figure (exported HTML cannot show the live widget), its title naming
+        the dtype and quant type it shows: a report reader has no dropdown to look at."""
+        fig = go.Figure(self.figure)
+        fig.update_layout(title_text=f"{fig.layout.title.text} ({self.controls['dtype'].value}, "
+                                     f"{self.controls['quant_type'].value})")
+        return fig
 
     # --------------------------------------------------------------------------------------- live probes
     def _request(self) -> tuple:

@@ -112,6 +112,9 @@ def test_crossover_shows_the_planted_crossovers_and_the_median(runs, synthetic, 
 def test_crossover_defaults_cover_every_dtype_baseline_and_shape(runs, synthetic):
     frame, _ = synthetic
     notebook = _ran(runs, "crossover_defaults")
+    html = "".join(_outputs(notebook, "text/html"))
+    # what the page covers, said from the data (the intro names no impl, dtype or M range of its own)
+    assert "simt against bnb, dense, dequant_blas, gemv; dtypes bf16, fp16; nf4; 18 shapes on 2 device(s); M from 1 to 128" in html
     heatmap = next(json.loads(f) for f in _outputs(notebook, "application/vnd.plotly.v1+json") if '"heatmap"' in f)
     assert heatmap["data"][0]["x"] == [f"{t}<br>vs {b}" for b in ("bnb", "dense", "dequant_blas", "gemv") for t in ("bf16", "fp16")]
     assert len(heatmap["data"][0]["y"]) == frame.filter(pl.col("sweep") == "grid")["shape"].n_unique()
@@ -145,7 +148,7 @@ def test_shape_probe_shows_the_widget_and_a_static_snapshot(runs):
     notebook = _ran(runs, "shape_probe")
     assert _outputs(notebook, "application/vnd.jupyter.widget-view+json")
     (snapshot,) = _outputs(notebook, "application/vnd.plotly.v1+json")
-    assert "llama-3-8b.up_proj (N=14336, K=4096): measured" in snapshot
+    assert "llama-3-8b.up_proj (N=14336, K=4096): measured (fp16, nf4)" in snapshot  # names what it shows
     assert "simt · " in snapshot and "gemv · " not in snapshot
 
 
@@ -225,6 +228,11 @@ def test_parameter_checks_in_process():
             nbio.check({**ok, name: value})
     with pytest.raises(nbio.ParameterError, match=r"unknown parameter\(s\) \['bogus'\]"):
         nbio.check({**ok, "In": ["", "# Parameters\nbogus = 1\n"]})
+    with pytest.raises(nbio.ParameterError, match=r"\['dtype'\] \(did you mean 'dtypes' for 'dtype'\?\)"):
+        nbio.check({**ok, "In": ["", "# Parameters\ndtype = 'fp32'\n"]})
+    with pytest.raises(nbio.ParameterError, match=r"must be list\[str\]; pass a list as YAML: papermill \.\.\. "
+                                                  r"-y 'dtypes: \[fp32\]'.*-p 'NOTEBOOK.dtypes=\[fp32\]'"):
+        nbio.check({**ok, "dtypes": "fp32"})
 
 
 def test_live_on_a_gpu_measures_through_the_sweep(monkeypatch):

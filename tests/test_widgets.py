@@ -81,7 +81,7 @@ def test_impls_device_dtype_and_m_range_filter_the_curves(prober, df):
 
 def test_snapshot_is_a_static_copy(prober):
     snapshot = prober.snapshot()
-    assert type(snapshot) is go.Figure and snapshot.layout.title.text == prober.status.value
+    assert type(snapshot) is go.Figure and snapshot.layout.title.text == f"{prober.status.value} (fp16, nf4)"
     prober.controls["N"].value = 14336
     assert snapshot.layout.title.text != prober.figure.layout.title.text  # did not follow the widget
 
