@@ -22,7 +22,10 @@ import types
 import typing
 from pathlib import Path
 
+import plotly.io as pio
 import polars as pl
+from plotly.io._base_renderers import MimetypeRenderer, PlotlyRenderer
+from plotly.offline import get_plotlyjs
 
 from q4lab import dataset
 
@@ -166,12 +169,33 @@ def select(frame: pl.DataFrame, **wanted) -> pl.DataFrame:
     return picked
 
 
-def use_report_display() -> None:
-    """Figures through `plots.OfflineRenderer` (they survive HTML export, offline) and tables that show
-    whole device and shape names."""
-    from q4lab import plots
+class OfflineRenderer(MimetypeRenderer):
+    """text/html that draws with `window.Plotly`, which `activate` embeds once (inline, no network), plus
+    plotly's JSON mime type, which JupyterLab prefers when its plotly extension is there."""
 
-    plots.use_offline_renderer()
+    def activate(self):
+        from IPython.display import display_html
+        display_html("<script>window.PlotlyConfig = {MathJaxConfig: 'local'};</script>"
+                     f"<script>{get_plotlyjs()}</script>", raw=True)
+
+    def to_mimebundle(self, fig_dict):
+        html = pio.to_html(fig_dict, include_plotlyjs=False, include_mathjax=False, full_html=False,
+                           default_width="100%", validate=False)
+        return {"text/html": html, **PlotlyRenderer().to_mimebundle(fig_dict)}
+
+
+def use_offline_renderer():
+    """Route `fig.show()` in this kernel through `OfflineRenderer` (plotly's own "notebook" renderer
+    pulls MathJax from a CDN into every figure)."""
+    pio.renderers["q4lab_offline"] = OfflineRenderer()
+    pio.renderers.default = "q4lab_offline"
+
+
+
+def use_report_display() -> None:
+    """Figures through `OfflineRenderer` (they survive HTML export, offline) and tables that show whole
+    device and shape names."""
+    use_offline_renderer()
     pl.Config.set_fmt_str_lengths(80)
     pl.Config.set_tbl_rows(40)
     pl.Config.set_tbl_cols(-1)

@@ -1,10 +1,8 @@
 """Plotly figures of datasets and analyses: one function a figure, frames in, figures out.
 
 Devices sit side by side (one column each), so an RDNA card's sweep reads beside an NVIDIA one. Every
-marker's hover shows the row's own numbers; every axis says its unit.
-
-`use_offline_renderer()` makes notebooks emit figures that survive HTML export and render offline:
-plotly.js embedded once (no CDN), plus plotly's own mime type for JupyterLab.
+marker's hover shows the row's own numbers; every axis says its unit. (How a notebook shows them so that
+they survive HTML export offline: `notebook_io.OfflineRenderer`.)
 """
 from __future__ import annotations
 
@@ -13,43 +11,17 @@ import math
 
 import numpy as np
 import plotly.graph_objects as go
-import plotly.io as pio
 import polars as pl
-from plotly.io._base_renderers import MimetypeRenderer, PlotlyRenderer
-from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from q4lab import analysis
 from q4lab.analysis import GRID_SWEEPS, bandwidth_model_us
 
 IMPL_COLORS = {"simt": "#d62728", "gemv": "#9467bd", "dequant_blas": "#1f77b4", "dense": "#7f7f7f",
-               "bnb": "#2ca02c", "reference": "#000000"}
+               "bnb": "#2ca02c", "mma": "#e377c2", "auto": "#17becf", "reference": "#000000"}
 LABEL_COLORS = {"camping": "#d62728", "slow_not_flat": "#8c564b", "wave_tail": "#ff7f0e", "normal": "#9e9e9e"}
 FAMILY_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 DASHES = ("solid", "dot", "dash", "dashdot")
-
-
-# ---------------------------------------------------------------------------------------------------------
-class OfflineRenderer(MimetypeRenderer):
-    """text/html that draws with `window.Plotly`, which `activate` embeds once (inline, no network), plus
-    plotly's JSON mime type, which JupyterLab prefers when its plotly extension is there."""
-
-    def activate(self):
-        from IPython.display import display_html
-        display_html("<script>window.PlotlyConfig = {MathJaxConfig: 'local'};</script>"
-                     f"<script>{get_plotlyjs()}</script>", raw=True)
-
-    def to_mimebundle(self, fig_dict):
-        html = pio.to_html(fig_dict, include_plotlyjs=False, include_mathjax=False, full_html=False,
-                           default_width="100%", validate=False)
-        return {"text/html": html, **PlotlyRenderer().to_mimebundle(fig_dict)}
-
-
-def use_offline_renderer():
-    """Route `fig.show()` in this kernel through `OfflineRenderer` (plotly's own "notebook" renderer
-    pulls MathJax from a CDN into every figure)."""
-    pio.renderers["q4lab_offline"] = OfflineRenderer()
-    pio.renderers.default = "q4lab_offline"
 
 
 # ---------------------------------------------------------------------------------------------------------

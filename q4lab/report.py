@@ -1,7 +1,7 @@
 """`q4lab report`: run every notebook through papermill, export each to HTML without its code, and write
 `reports/index.html` with the headline findings and links to the reports.
 
-Reports render offline: figures come from `plots.OfflineRenderer` (plotly.js embedded once per report),
+Reports render offline: figures come from `notebook_io.OfflineRenderer` (plotly.js embedded once per report),
 and the HTML template drops the require.js, MathJax and mermaid scripts that nbconvert's "lab" template
 loads from a CDN. A notebook that fails is still exported (papermill keeps its outputs up to the error,
 which the report shows), the others still run, and the command exits non-zero at the end.

@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import polars as pl
 import pytest
 
-from q4lab import analysis, plots, tables
+from q4lab import analysis, notebook_io, plots, tables
 from q4lab.synthetic import (DEVICES, PLANTED_FLOORS, PLANTED_UNSTABLE, PLANTED_WAVE_TAILS, SHAPES,
                              synthetic_dataset)
 
@@ -146,7 +146,7 @@ def test_shape_curves_draw_an_impl_per_line_with_the_legend_under_the_plot(df):
 
 def test_offline_renderer_emits_html_without_network_and_plotly_json(df):
     fig = plots.shape_curves(df.filter(pl.col("shape") == "llama-3-8b.q_proj"), "one shape")
-    bundle = plots.OfflineRenderer().to_mimebundle(fig.to_dict())
+    bundle = notebook_io.OfflineRenderer().to_mimebundle(fig.to_dict())
     assert set(bundle) == {"text/html", "application/vnd.plotly.v1+json"}
     assert "Plotly.newPlot" in bundle["text/html"]
     assert not re.search(r"<script[^>]+src=", bundle["text/html"])  # draws with the page's one plotly.js
