@@ -1,4 +1,4 @@
-"""The workbench's three questions as functions of a dataset (DESIGN.md, "Definitions"): polars frames in,
+"""The workbench's three questions as functions of a dataset (docs/DESIGN.md, "Definitions"): polars frames in,
 polars frames out, nothing measured here.
 
 - `crossovers` / `crossover_summary`: up to which batch size M one impl beats another, per shape and as a

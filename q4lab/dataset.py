@@ -1,4 +1,4 @@
-"""The dataset contract: one row per measurement, with its provenance (DESIGN.md, "Conventions").
+"""The dataset contract: one row per measurement, with its provenance (docs/DESIGN.md, "Conventions").
 
 Everything downstream of a sweep (analysis, plots, notebooks, reports) reads frames with exactly these
 columns. `load` accepts one path, a glob, or a list of either, validates every file against `SCHEMA` and

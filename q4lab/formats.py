@@ -1,4 +1,4 @@
-"""NF4/FP4 4-bit weights, bit-exact with bitsandbytes 0.50.2 (DESIGN.md, "Conventions").
+"""NF4/FP4 4-bit weights, bit-exact with bitsandbytes 0.50.2 (docs/DESIGN.md, "Conventions").
 
 A weight `W` [N, K] is flattened row-major and cut into blocks of `blocksize` consecutive elements. Each
 block is scaled by its absmax into [-1, 1], every element is rounded to the nearest of 16 code values

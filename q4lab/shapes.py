@@ -1,6 +1,6 @@
 """The canonical shape set: 40 linear layers of public LLMs, each with where its N and K come from.
 
-A shape is a weight `W` of `[N, K]` = `[out_features, in_features]` (DESIGN.md); `N` and `K` are read
+A shape is a weight `W` of `[N, K]` = `[out_features, in_features]` (docs/DESIGN.md); `N` and `K` are read
 off the model's Hugging Face `config.json`, named in `source`. The set covers what the research asks
 about: small GQA k/v projections (latency-bound), MoE experts, the square 2048/4096/8192 projections,
 8B- and 70B-class MLPs, lm_heads, N that are multiples of 3072 and N that are powers of two. Every K is a
