@@ -18,6 +18,7 @@ import ast
 import difflib
 import glob
 import html
+import json
 import types
 import typing
 from pathlib import Path
@@ -202,6 +203,26 @@ def use_report_display() -> None:
     pl.Config.set_float_precision(4)
     pl.Config.set_tbl_hide_column_data_types(True)
     pl.Config.set_tbl_hide_dataframe_shape(True)
+
+
+RECORD_MIME = "application/vnd.q4lab.record+json"  # a value a notebook keeps for tests and readers, not shown
+
+
+def record(name: str, value) -> None:
+    """Keep `value` (a frame, or anything JSON holds) in the executed notebook under `name`: the numbers
+    behind what it shows, read back with `recorded` (papermill/scrapbook style). The report leaves it out."""
+    from IPython.display import display
+
+    if isinstance(value, pl.DataFrame):
+        value = json.loads(value.write_json())  # rows as dicts; NaN and infinity become null
+    display({RECORD_MIME: {"name": name, "value": value}}, raw=True)
+
+
+def recorded(notebook) -> dict:
+    """name -> value of every `record` in an executed notebook (an nbformat node)."""
+    return {o["data"][RECORD_MIME]["name"]: o["data"][RECORD_MIME]["value"]
+            for cell in notebook.cells if cell.cell_type == "code"
+            for o in cell.get("outputs", []) if RECORD_MIME in o.get("data", {})}
 
 
 def show_findings(lines: list[str]) -> None:

@@ -32,7 +32,7 @@ import polars as pl
 import yaml
 
 from q4lab import analysis, dataset, headlines, plots, provenance, tables, writer_lock
-from q4lab.notebook_io import REPO, _matches, _type_name, describe, gpu_missing_reason, resolve
+from q4lab.notebook_io import RECORD_MIME, REPO, _matches, _type_name, describe, gpu_missing_reason, resolve
 
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = ("crossover", "camping_outliers", "n_resonance", "shape_probe", "dispatch")
@@ -93,6 +93,13 @@ def _exporter():
                         exclude_input_prompt=True, exclude_output_prompt=True)
 
 
+def _drop_records(notebook) -> None:
+    """Values a notebook keeps for tests and readers (`notebook_io.record`) are not part of its page."""
+    for cell in notebook.cells:
+        if "outputs" in cell:
+            cell.outputs = [o for o in cell.outputs if RECORD_MIME not in o.get("data", {})]
+
+
 def _replace_widget_views(notebook) -> None:
     """Put WIDGET_NOTE where live-widget outputs were: without a kernel a page could only show their text
     fallback ("VBox(children=(IntSlider(..."); the static snapshot beside them stays."""
@@ -131,6 +138,7 @@ def run_notebook(name: str, out_dir: Path, parameters: dict, kernel_name: str = 
         notebook = nbformat.read(partial, as_version=4)
         notebook.metadata.pop("widgets", None)  # widget state (megabytes of JS) that no offline page can use
         _replace_widget_views(notebook)
+        _drop_records(notebook)
         body, _ = _exporter().from_notebook_node(notebook)
         os.replace(partial, executed)
     except Exception as err:  # never written, or unreadable: this notebook's page says so, the others go on

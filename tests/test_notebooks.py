@@ -98,8 +98,11 @@ def test_crossover_shows_the_planted_crossovers_and_the_median(runs, synthetic, 
     assert '"24"' in figures and '"M* vs dequant_blas = 24"' in figures  # heatmap cell, selector marker
     # `shapes` narrows everything: the headline's median is over the two shapes, the menu offers those two
     narrowed = frame.filter(pl.col("dtype") == "fp16", pl.col("shape").is_in(NARROW_SHAPES))
-    for row in analysis.crossover_summary(narrowed).iter_rows(named=True):
-        assert f"beats dequant_blas up to M* = {row['median_label']} (median over 2 shapes" in html
+    recorded = [r for r in nbio.recorded(notebook)["summaries"] if r["impl_b"] == "dequant_blas"]
+    expected = analysis.crossover_summary(narrowed)
+    assert sorted((r["device"], r["n_shapes"], r["median_label"], r["threshold_m"]) for r in recorded) == sorted(
+        expected.select("device", "n_shapes", "median_label", "threshold_m").iter_rows())
+    assert {r["n_shapes"] for r in recorded} == {2}
     selector = next(json.loads(f) for f in _outputs(notebook, "application/vnd.plotly.v1+json") if '"updatemenus"' in f)
     assert [b["label"].split(" ")[0] for b in selector["layout"]["updatemenus"][0]["buttons"]] == sorted(
         NARROW_SHAPES, key=lambda s: ("3.2-1b" not in s))
@@ -126,10 +129,15 @@ def test_camping_outliers_names_the_floors_and_the_wave_tail(runs):
     notebook = _ran(runs, "camping_outliers")
     printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "live=True, but this machine has no usable GPU" in printed and "showing the dataset" in printed
-    html = "".join(_outputs(notebook, "text/html"))
-    assert "1 camping outlier(s) of 18 shapes: llama-3.2-1b.q_proj (27 µs flat to M=8, 3.0× the model)" in html
-    assert "1 wave tail(s), explained by the launch geometry: probe.narrow_wide" in html
-    assert "1 slow but not flat (rising from M=1, not a floor): llama-3-70b.down_proj" in html
+    floors_kept = pl.DataFrame(nbio.recorded(notebook)["floors"])
+    labelled = {(r["device"].split(" ")[0], r["dtype"], r["shape"]): (r["label"], r["m_floor"], round(r["floor_us"]))
+                for r in floors_kept.filter(pl.col("label") != "normal").iter_rows(named=True)}
+    for dtype in ("bf16", "fp16"):  # the planted floors (the unstable one never labelled), the wave tail
+        assert labelled[("AMD", dtype, "llama-3.2-1b.q_proj")] == ("camping", 8, 27)
+        assert labelled[("NVIDIA", dtype, "llama-3-8b.kv_proj")] == ("camping", 4, 10)
+        assert labelled[("NVIDIA", dtype, "probe.narrow_wide")][0] == "wave_tail"
+        assert ("AMD", dtype, "llama-3-8b.q_proj") not in labelled
+    assert {s for (_, _, s), (label, _, _) in labelled.items() if label == "slow_not_flat"} == {"llama-3-70b.down_proj"}
     floors = pl.read_csv(runs["_out"] / "camping_outliers" / "camping_floors.csv")
     assert set(floors["dtype"]) == {"bf16", "fp16"}  # every dtype by default
     assert set(floors.filter(pl.col("label") == "slow_not_flat")["shape"]) == {"llama-3-70b.down_proj"}
@@ -137,11 +145,13 @@ def test_camping_outliers_names_the_floors_and_the_wave_tail(runs):
 
 def test_n_resonance_finds_the_planted_families_in_the_chosen_range(runs):
     notebook = _ran(runs, "n_resonance")
-    html = "".join(_outputs(notebook, "text/html"))
+    families = pl.DataFrame(nbio.recorded(notebook)["families"])
+    strongest = analysis.strongest_family(families)
     # N from 2048 to 12288 holds 6 multiples of 2048 (gfx1201's planted family) and 4 of 3072 (the H100's)
     for m in (1, 8):  # every swept (K, M) pair by default
-        assert f"(K=4096, M={m}): strongest family mult_2048: 6 of its 6 N flagged" in html
-        assert f"(K=4096, M={m}): strongest family mult_3072: 4 of its 4 N flagged" in html
+        found = {(r["family"], r["n_flagged"], r["n_in_family"])
+                 for r in strongest.filter(pl.col("K") == 4096, pl.col("M") == m).iter_rows(named=True)}
+        assert found == {("mult_2048", 6, 6), ("mult_3072", 4, 4)}, m
 
 
 def test_shape_probe_shows_the_widget_and_a_static_snapshot(runs):
