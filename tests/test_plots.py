@@ -180,3 +180,8 @@ def test_heatmap_gaps_are_json_nulls_a_widget_can_send(df):
     rdna = fig.data[0].z
     assert rdna[0][0] is None and rdna[0][-1] is not None
     json.dumps([list(t.z) for t in fig.data], allow_nan=False)  # NaN would raise here
+
+
+def test_crossover_heatmap_names_the_quant_type_when_the_data_holds_two(df):
+    crossovers = analysis.crossovers(pl.concat([df, df.with_columns(pl.lit("fp4").alias("quant_type"))]))
+    assert list(plots.crossover_heatmap(crossovers).data[0].x) == ["bf16<br>fp4", "fp16<br>fp4", "bf16<br>nf4", "fp16<br>nf4"]
