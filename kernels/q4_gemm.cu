@@ -12,9 +12,7 @@
 //  * interleaved (simt): in step c of a group lane l decodes word c * Q4_WARP + l, so a step's lanes cover
 //    8 * Q4_WARP consecutive weights. Its weight words (4 bytes a lane) and its activations (8 a lane) are
 //    both contiguous across the warp: one activation load touches 4 cache lines (bf16; 8 for fp32) where
-//    the sliced layout touches 16 (32). The L1 data pipe, where the table lookups were already 7.5M of
-//    v2's 12.4M bf16 wavefronts, is what binds this kernel (docs/PERF.md, v6): on an H100 fp32
-//    activations ran 1.4x faster at M=1 and 2.2x at M=8, bf16 1.1x at M=8, bf16 M=1 within +-5%.
+//    the sliced layout touches 16 (32): the L1 data pipe is what binds this kernel (docs/PERF.md, v6).
 //    A lane's four words lie in four absmax blocks (blocksize < 1024), so each lane fetches one block's
 //    absmax of the group and the lanes trade them by shuffle.
 //  * sliced (gemv, the classic design): lane l owns the 16 contiguous bytes 16l..16l+15 of the group, one
@@ -26,8 +24,7 @@
 #include "q4_decode.h"
 #include "q4_launch.h"
 
-// MT == 1 is held to 128 registers, 4 blocks (16 warps) an SM: left free, R=4 took 166 and 3 blocks, and
-// a 512-block grid (8192x8192) ran 1.3 waves instead of one (H100: 31.7 against 28.8 us).
+// MT == 1 is held to 128 registers, 4 blocks an SM: with 3, a one-wave grid spills into a second wave.
 template <int DT, int R, int MT, bool NESTED, bool INTERLEAVED>
 __global__ void __launch_bounds__(Q4_WARPS * Q4_WARP, MT == 1 ? 4 : 1)
 q4_gemm_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ bias,
@@ -64,8 +61,8 @@ q4_gemm_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__
   // Software pipeline, two stages: while a lane decodes U groups of R rows, the weight and absmax loads of
   // its next U groups are already in flight (U*R*16 bytes a lane, twice that held in registers). Without
   // it every iteration exposed a full DRAM latency, and only more warps per SM hid it. fp32 with MT >= 4
-  // keeps one group a stage: its 8 MT rows of fp32 activations already fill the registers, and U = 2 cost
-  // it 12% at M 8..32 on an H100 (docs/PERF.md, u1f32); bf16/fp16 measured the same either way.
+  // keeps one group a stage: its 8 MT rows of fp32 activations already fill the registers (docs/PERF.md,
+  // v7).
   constexpr int U = DT == Q4_F32 && MT >= 4 ? 1 : 2;
   uint4 wq[U][R];
   Q4Scale sc[U][R];
@@ -229,8 +226,8 @@ static int q4_sm_count() {
 }
 
 // Resident blocks per SM/CU of each simt instance on the current device into out[Q4_CONFIGS], asked of
-// the runtime once per (device, dtype, nested): registers decide it (v6 bf16 on sm_90: from 5 blocks at
-// R = MT = 1 down to 2 from R * MT = 8 on), and the compiler's register counts differ by arch and dtype.
+// the runtime once per (device, dtype, nested): registers decide it, and the compiler's register counts
+// differ by arch and dtype.
 // Threads racing to fill an entry store the same numbers.
 static void q4_blocks_per_sm(int dtype, bool nested, int* out) {
   static std::atomic<int> cached[Q4_MAX_DEVICES][3][2][Q4_CONFIGS];  // 0: not asked yet
