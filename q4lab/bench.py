@@ -6,7 +6,7 @@ On a GPU (CUDA or ROCm torch) a sample is the device time between two events aro
 
 Event timing counts GPU idle time too: if the host needs longer to queue `fn` than the GPU needs for
 the flush, the GPU reaches the start event, then waits for `fn`'s kernels, and the wait is counted
-(bitsandbytes' Python dispatch of ~50 µs behind a short flush inflated medians 2-5x, as issue 4 reports).
+(bitsandbytes' Python dispatch of ~50 µs behind a short flush inflated medians 2-5x).
 So each sample first enqueues a spin kernel (`torch.cuda._sleep`) that outlasts the host's time to queue
 everything after it; by the time the GPU leaves the spin, flush, events and all of `fn` are queued.
 Every sample checks this after the fact (host queue time against the hold), and one whose host outran the

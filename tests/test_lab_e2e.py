@@ -1,4 +1,4 @@
-"""End to end in a real browser (issue 6): JupyterLab from .venv, the shape prober's sliders moving its plot,
+"""End to end in a real browser: JupyterLab from .venv, the shape prober's sliders moving its plot,
 and a report rendering its plots offline. Debian's chromium runs headless under Playwright; every request
 the pages make must stay on the machine."""
 from __future__ import annotations
@@ -45,7 +45,7 @@ def page(chromium):
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    assert (NOTEBOOKS / PROBE).exists(), f"{NOTEBOOKS / PROBE} is missing (issue 5's workbench writes it)"
+    assert (NOTEBOOKS / PROBE).exists(), f"{NOTEBOOKS / PROBE} is missing"
     # Q4LAB_E2E_PORT picks the port; by default a free one.
     port = int(os.environ.get("Q4LAB_E2E_PORT", "0")) or None
     with jupyter_lab(NOTEBOOKS, tmp_path_factory.mktemp("jupyter"), port=port) as server:
