@@ -48,6 +48,7 @@ def simt_config(lib, N: int, M: int, K: int, sm_count: int, blocks_per_sm: dict,
     return (rows_per_warp.value, m_tile.value) if rc == 0 else None
 
 
+@pytest.mark.slow  # a kernel build
 def test_nvcc_builds_the_library_for_the_ci_archs_and_it_loads_without_a_gpu(cuda_library):
     lib = kernels.open_library(cuda_library)
     assert kernels.library_targets(lib) == CI_TARGETS
@@ -78,6 +79,7 @@ def test_nvcc_builds_the_library_for_the_ci_archs_and_it_loads_without_a_gpu(cud
         assert mirrored == simt_config(lib, N, M, K, sms, residency, dtype), (N, M, K, sms, dtype, table)
 
 
+@pytest.mark.slow  # a kernel build
 def test_a_second_build_reuses_the_cached_library(cuda_library, monkeypatch):
     mtime = cuda_library.stat().st_mtime_ns
     monkeypatch.setenv("Q4LAB_CACHE", str(cuda_library.parent.parent))
@@ -85,6 +87,7 @@ def test_a_second_build_reuses_the_cached_library(cuda_library, monkeypatch):
     assert cuda_library.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow  # a kernel build
 def test_a_library_for_another_arch_is_refused_with_the_build_command(cuda_library, monkeypatch):
     monkeypatch.setattr(kernels, "gpu_arch", lambda device=None: "sm_75")
     monkeypatch.setenv("Q4LAB_LIB", str(cuda_library))
@@ -94,6 +97,7 @@ def test_a_library_for_another_arch_is_refused_with_the_build_command(cuda_libra
     kernels.library.cache_clear()
 
 
+@pytest.mark.slow  # a kernel build
 def test_a_library_from_other_sources_is_refused(cuda_library, monkeypatch):
     monkeypatch.setattr(kernels, "gpu_arch", lambda device=None: "sm_90")
     monkeypatch.setenv("Q4LAB_LIB", str(cuda_library))
@@ -125,6 +129,7 @@ def test_a_missing_compiler_says_what_to_install(monkeypatch):
         kernels.build(("gfx1100",), vendor="rocm")
 
 
+@pytest.mark.slow  # a kernel build
 def test_a_compile_error_keeps_the_log(tmp_path, monkeypatch):
     need("nvcc")
     bad = tmp_path / "kernels"
@@ -152,6 +157,7 @@ def test_another_kernel_folder_builds_apart_from_the_shipped_one(tmp_path):
     assert kernels.library_path("cuda", ("sm_90",), nvcc, other) != kernels.library_path("cuda", ("sm_90",), nvcc)
 
 
+@pytest.mark.slow  # a kernel build
 def test_cli_info_and_build(cuda_library):
     env = {**os.environ, "Q4LAB_CACHE": str(cuda_library.parent.parent)}
     info = subprocess.run([sys.executable, "-m", "q4lab", "info"], capture_output=True, text=True, env=env)
@@ -169,6 +175,7 @@ def hipcc(args: list[str], out: Path) -> subprocess.Popen:
                             env={**os.environ, "HIP_PLATFORM": "amd"})
 
 
+@pytest.mark.slow  # a kernel build
 def test_hipcc_compiles_every_kernel_for_amd_targets(tmp_path):
     need("hipcc")
     jobs = {}
@@ -205,12 +212,14 @@ def fused_body(asm: str, dtype: int, rows_per_warp: int) -> str:
     return kernel_body(asm, f"_Z14q4_gemm_kernelILi{dtype}ELi{rows_per_warp}ELi1ELb0ELb1EEvPKv9Q4WeightsS1_Pvi")
 
 
+@pytest.mark.slow  # a kernel build
 def test_gfx1100_fused_kernel_reduces_with_dpp(gfx1100_asm):
     body = fused_body(gfx1100_asm, kernels.DTYPE_CODES["fp16"], 4)
     for shift in (8, 4, 2, 1):
         assert f"row_ror:{shift}" in body, f"no DPP row_ror:{shift} in the gfx1100 reduction"
 
 
+@pytest.mark.slow  # a kernel build
 def test_gfx1100_fused_kernel_multiplies_fp16_with_dot2(gfx1100_asm):
     """fp16 activations go as packed pairs into v_dot2 against fp16 weight pairs built by two LDS reads (the
     second straight into the high half); bf16 keeps fp32 FMAs (its v_dot2_f32_bf16 is not used yet:
@@ -385,6 +394,7 @@ def mma_config(lib, N, M, K, sms=132, split=0, blocks_per_sm=4):
     return err, s.value, m_tile.value
 
 
+@pytest.mark.slow  # a kernel build
 def test_mma_launch_splits_k_only_where_the_rows_cannot_fill_the_gpu(cuda_library):
     lib = kernels.open_library(cuda_library)
     # batch tile: the smallest of 8/16/32/64 rows that holds M
