@@ -272,9 +272,7 @@ def test_saving_before_any_probe_says_so(monkeypatch, tmp_path, df):
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_on_a_gpu_two_live_probes_are_there_for_the_next_prober_without_measuring(tmp_path, monkeypatch):
-    from q4lab import notebook_io as nbio, sweep
-    if reason := nbio.gpu_missing_reason():
-        pytest.skip(f"needs a GPU: {reason}")
+    from q4lab import sweep
     first = widgets.ShapeProber(None, live=True, N=4096, K=4096, impls=["simt", "dequant_blas"], log_dir=tmp_path)
     first.wait(600)
     first.open(5120, 4096)
