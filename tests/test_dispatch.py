@@ -150,6 +150,9 @@ def test_auto_falls_back_to_the_defaults_without_a_rule_or_an_impl(monkeypatch, 
     assert ops.auto_impl(4096, 4096, limit, torch.float16, "cuda") == "simt"
     assert ops.auto_impl(4096, 4096, limit + 1, torch.float16, "cuda") == "dequant_blas"
     # a rule picking an impl the device cannot run (a tensor-core impl on AMD): the defaults again
+    monkeypatch.setattr(ops, "_available", {})
+    monkeypatch.setattr(ops, "available_impls",
+                        lambda device: {impl: "needs an NVIDIA GPU" if impl == "mma" else None for impl in ops.IMPLS})
     monkeypatch.setenv("Q4LAB_DISPATCH", str(_write_rule(tmp_path, "sm_80", [[None, "mma"]], ["mma"])))
     assert ops.auto_impl(4096, 4096, 1, torch.float16, "cuda") == "simt"
     monkeypatch.setattr(ops, "_available", {})
