@@ -12,21 +12,22 @@ from pathlib import Path
 
 import polars as pl
 
-# The command that refreshes a dataset (data/README.md lists each one's options)
-REFRESH = "q4lab sweep ..."
+# The command that refreshes a dataset, by its sweeps (data/README.md lists each dataset's command)
+REFRESH = {"grid": "q4lab sweep grid --preset shipped --gpus all", "nsweep": "q4lab sweep nsweep ... --gpus all"}
+REFRESH_OTHER = "q4lab sweep ..."
 # kernel_hash values that name no kernel build: CPU-only impls (""), model numbers (q4lab.synthetic)
 NO_KERNELS = ("", "synthetic")
 
 
 def kernel_versions(files: list[Path]) -> pl.DataFrame:
-    """One row per (dataset file, kernel hash, commit): rows, and whether today's kernels/ are the ones
-    measured (`current`; null where the rows used no kernel build)."""
+    """One row per (dataset file, kernel hash, commit): rows, the sweep most of them belong to, and whether
+    today's kernels/ are the ones measured (`current`; null where the rows used no kernel build)."""
     from q4lab import kernels
 
-    frames = [pl.read_parquet(f, columns=["device", "kernel_hash", "git_commit"]).with_columns(file=pl.lit(str(f)))
-              for f in files]
+    frames = [pl.read_parquet(f, columns=["device", "kernel_hash", "git_commit", "sweep"])
+              .with_columns(file=pl.lit(str(f))) for f in files]
     versions = (pl.concat(frames).group_by("file", "device", "kernel_hash", "git_commit", maintain_order=True)
-                .agg(rows=pl.len()))
+                .agg(rows=pl.len(), sweep=pl.col("sweep").mode().first()))
     try:
         current = {h: None if h in NO_KERNELS else kernels.is_current(h) for h in versions["kernel_hash"].unique()}
     except kernels.KernelError:  # no kernels/ to compare with (an installed package): nothing to say
@@ -54,7 +55,8 @@ def version_lines(versions: pl.DataFrame, root: Path | None = None) -> list[tupl
         if v["current"]:
             lines.append((f"{said}, today's kernels", False))
         else:
-            lines.append((f"{said}; the kernels have changed since: re-run `{REFRESH}` to refresh", True))
+            command = REFRESH.get(v["sweep"], REFRESH_OTHER)
+            lines.append((f"{said}; the kernels have changed since: re-run `{command}` to refresh", True))
     return lines
 
 

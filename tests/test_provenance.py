@@ -56,7 +56,7 @@ def test_data_of_other_kernels_is_named_and_flagged_stale(tmp_path):
     stale_lines = [text for text, is_stale in lines if is_stale]
     assert stale_lines and all(t.startswith("old.parquet (") for t in stale_lines)
     assert ("measured with kernels 01234567 at 92d8d90; the kernels have changed since: re-run "
-            f"`{provenance.REFRESH}` to refresh") in stale_lines[0]
+            f"`{provenance.REFRESH['grid']}` to refresh") in stale_lines[0]
     assert any("new.parquet" in t and "kernels " + kernels.source_hash()[:8] + " at abcdef0-dirty, today's kernels" in t
                for t, _ in lines)
     page = provenance.versions_html(lines)
