@@ -106,6 +106,7 @@ def test_busy_port_is_named(tmp_path):
                 pass
 
 
+@pytest.mark.slow
 def test_kernel_that_fails_to_start_is_reported_with_its_log(tmp_path):
     # A `python3` kernel spec that dies at once, found first through JUPYTER_PATH.
     spec = tmp_path / "share" / "kernels" / "python3" / "kernel.json"

@@ -81,6 +81,7 @@ def _ran(runs, name):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_and_embeds_plotly_once(runs, name):
     notebook = _ran(runs, name)
@@ -91,6 +92,7 @@ def test_notebook_runs_and_embeds_plotly_once(runs, name):
     assert not re.search(r"<script[^>]*src=[\"']https?:", html)
 
 
+@pytest.mark.slow
 def test_crossover_shows_the_planted_crossovers_and_the_median(runs, synthetic, tmp_path_factory):
     frame, _ = synthetic
     notebook = _ran(runs, "crossover")
@@ -112,6 +114,7 @@ def test_crossover_shows_the_planted_crossovers_and_the_median(runs, synthetic, 
     assert 'href="crossover_per_shape.csv"' in html and 'href="crossover_pivot.parquet"' in html
 
 
+@pytest.mark.slow
 def test_crossover_defaults_cover_every_dtype_baseline_and_shape(runs, synthetic):
     frame, _ = synthetic
     notebook = _ran(runs, "crossover_defaults")
@@ -122,6 +125,7 @@ def test_crossover_defaults_cover_every_dtype_baseline_and_shape(runs, synthetic
     assert set(pivot["baseline"]) == {"bnb", "dense", "dequant_blas", "gemv"} and {"bf16", "fp16"} <= set(pivot.columns)
 
 
+@pytest.mark.slow
 def test_camping_outliers_names_the_floors_and_the_wave_tail(runs):
     notebook = _ran(runs, "camping_outliers")
     printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
@@ -140,6 +144,7 @@ def test_camping_outliers_names_the_floors_and_the_wave_tail(runs):
     assert set(floors.filter(pl.col("label") == "slow_not_flat")["shape"]) == {"llama-3-70b.down_proj"}
 
 
+@pytest.mark.slow
 def test_n_resonance_finds_the_planted_families_in_the_chosen_range(runs):
     notebook = _ran(runs, "n_resonance")
     families = pl.DataFrame(nbio.recorded(notebook)["families"])
@@ -151,6 +156,7 @@ def test_n_resonance_finds_the_planted_families_in_the_chosen_range(runs):
         assert found == {("mult_2048", 6, 6), ("mult_3072", 4, 4)}, m
 
 
+@pytest.mark.slow
 def test_shape_probe_shows_the_widget_and_a_static_snapshot(runs):
     notebook = _ran(runs, "shape_probe")
     assert _outputs(notebook, "application/vnd.jupyter.widget-view+json")
@@ -187,6 +193,7 @@ def test_dispatch_records_held_out_regret_transfer_and_the_roll_up(runs, synthet
     ("unknown", "ParameterError", "z_treshold", "unknown parameter"),
     ("ill_typed", "ParameterError", "'K'", "must be int"),
     ("misspelt_shape", "ValueError", "shape ['llama-3-8b.q_prj'] not in the data", "did you mean ['llama-3-8b.q_proj']?")])
+@pytest.mark.slow
 def test_a_bad_parameter_fails_the_run_naming_it(runs, run, error, name, kind):
     err = runs[run]
     assert isinstance(err, PapermillExecutionError), f"the {run} parameter did not fail the run"

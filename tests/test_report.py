@@ -50,6 +50,7 @@ def _network_references(page: str) -> list:
     return found + re.findall(r"@import\s+url\(\s*['\"]?https?:[^)]*\)", page)
 
 
+@pytest.mark.slow
 def test_every_notebook_has_a_report_and_the_failure_is_named(built):
     _, out, results, lines = built
     assert sorted(results) == sorted(report.NOTEBOOKS)
@@ -64,6 +65,7 @@ def test_every_notebook_has_a_report_and_the_failure_is_named(built):
     assert "Synthetic data" in (out / "index.html").read_text()
 
 
+@pytest.mark.slow
 def test_reports_have_their_plots_once_offline_and_no_code(built):
     _, out, results, _ = built
     plotly_js = get_plotlyjs()[:200]
@@ -78,6 +80,7 @@ def test_reports_have_their_plots_once_offline_and_no_code(built):
     assert "not in the data" in failed  # the error is in the report, for the reader
 
 
+@pytest.mark.slow
 def test_index_links_the_reports_and_states_the_headlines(built):
     frame, out, _, _ = built
     index = (out / "index.html").read_text()
@@ -95,6 +98,7 @@ def test_index_links_the_reports_and_states_the_headlines(built):
         assert f"<td>{device}</td>" in index
 
 
+@pytest.mark.slow
 def test_every_page_names_the_kernel_version_and_flags_the_changed_kernels(built):
     _, out, results, _ = built
     stale = "measured with kernels 01234567 at 92d8d90; the kernels have changed since: re-run `q4lab sweep"
@@ -130,6 +134,7 @@ def test_parameters_for_a_notebook_not_run_are_refused(tmp_path):
         report.build_reports(tmp_path, "x", notebooks=("crossover",), parameters={"crossvoer": {}})
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_a_real_browser_renders_the_index_and_a_report_offline(built):
     if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:

@@ -101,6 +101,7 @@ def test_venv_torch_is_the_reused_one_or_the_cpu_build():
         assert version == f"{cpu_version}+cpu" or cuda or hip, version
 
 
+@pytest.mark.slow
 def test_make_test_fails_when_pytest_collects_nothing():
     result = run(["make", "test", "PYTEST_ARGS=tests/test_setup.py -k no_such_test_anywhere"], timeout_s=300)
     assert result.returncode != 0
@@ -119,6 +120,7 @@ def test_make_lab_says_when_its_port_is_taken():
     assert f"make lab PORT={port + 1}" in result.stderr
 
 
+@pytest.mark.slow
 def test_lab_extensions_for_widgets_and_plotly_are_enabled():
     result = run([str(VENV / "bin" / "jupyter"), "labextension", "list"])
     listing = ANSI.sub("", result.stdout + result.stderr)

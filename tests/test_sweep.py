@@ -181,6 +181,7 @@ sweep.run_grid(shapes, [1, 3], ["fp32"], ["reference", "dense", "dequant_blas"],
 """
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_with_nothing_lost_or_taken_twice(tmp_path):
     log = tmp_path / "grid.jsonl"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WORKER, str(log), repr([tuple(s) for s in TINY])],
