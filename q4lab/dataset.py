@@ -16,6 +16,7 @@ import polars as pl
 # Provenance: which device, software and code produced the row.
 PROVENANCE = {
     "device": pl.Utf8,          # "NVIDIA H100 80GB HBM3", "cpu: <model>"
+    "host": pl.Utf8,            # the machine's host name ("" in datasets written before it was recorded)
     "vendor": pl.Utf8,          # "nvidia" | "amd" | "cpu"
     "arch": pl.Utf8,            # "sm_90", "gfx1100", "x86_64"
     "driver": pl.Utf8,          # driver version ("" on CPU)
@@ -60,6 +61,8 @@ MEASUREMENT = {
 
 SCHEMA: dict[str, pl.DataType] = {**PROVENANCE, **MEASUREMENT}
 COLUMNS = tuple(SCHEMA)
+# Columns added to SCHEMA after datasets were shipped, and the value an older dataset gets for them.
+ADDED = {"host": ""}
 
 
 class DatasetError(ValueError):
@@ -135,6 +138,7 @@ def check_values(df: pl.DataFrame, source: str = "frame") -> None:
 def validate(df: pl.DataFrame, source: str = "frame") -> pl.DataFrame:
     """Check columns, types and values (`check_values`) against SCHEMA; return the frame with columns in
     SCHEMA order."""
+    df = df.with_columns(pl.lit(v, SCHEMA[c]).alias(c) for c, v in ADDED.items() if c not in df.columns)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise DatasetError(f"{source}: missing columns {missing}; it was not written by q4lab's sweep "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import socket
 import subprocess
 import tempfile
 import threading
@@ -262,7 +263,8 @@ def _kernel_hash() -> str:
 def identity(device: torch.device) -> dict:
     facts = bench.device_facts(device)
     return {k: facts[k] for k in IDENTITY if k in facts} | {"q4lab_version": q4lab.__version__,
-                                                            "kernel_hash": _kernel_hash()}
+                                                            "kernel_hash": _kernel_hash(),
+                                                            "host": socket.gethostname()}
 
 
 @contextlib.contextmanager

@@ -198,7 +198,7 @@ def _provenance(key, dev, dtype, quant_type, blocksize, sweep, shape, family) ->
     return {"device": dev["device"], "vendor": dev["vendor"], "arch": dev["arch"], "driver": "synthetic",
             "runtime": dev["runtime"], "torch_version": "synthetic", "q4lab_version": "synthetic",
             "git_commit": "synthetic", "kernel_hash": "synthetic", "timestamp": "2026-01-01T00:00:00+00:00",
-            "run_id": f"synthetic-{key}", "timer": "synthetic", "sweep": sweep, "dtype": dtype,
+            "host": "synthetic", "run_id": f"synthetic-{key}", "timer": "synthetic", "sweep": sweep, "dtype": dtype,
             "quant_type": quant_type, "blocksize": blocksize, "nested": False, "shape": shape, "family": family,
             "samples": 150, "rounds": 3, "cold": True, "device_gbps": dev["device_gbps"],
             "launch_us": dev["launch_us"]}
