@@ -109,14 +109,8 @@ def run_grid(shapes, ms, dtypes, impls, quant_types=("nf4",), blocksize=64, nest
     (the log keeps the other points' rounds for the next run). `interleave_ms=False`: one M at a time
     (its impls and dtypes interleaved) instead of the chunk's Ms together, so that points finish one M
     after another, as a cancellable live probe wants."""
-    if sweep not in GRID_LABELS:
-        raise SweepError(f"sweep label {sweep!r}: use 'grid', or 'repeat' for a re-measurement in the same run "
-                         f"(or {', '.join(GRID_LABELS[2:])} for an experiment)")
-    shape_list = _shape_list(shapes)
-    quant_types = _names(quant_types, formats.QUANT_TYPES, "quant type")
-    chunks = tuple(Chunk((s,), qt) for s in shape_list for qt in quant_types)
-    plan = _plan(sweep, chunks, ms, dtypes, impls, blocksize, nested, cold, impl_max_m)
-    return _run(plan, device, log, rounds, tol, max_remeasure, progress, part, interleave_ms, stop)
+    plan = grid_plan(shapes, ms, dtypes, impls, quant_types, blocksize, nested, cold, sweep, impl_max_m)
+    return run_plan(plan, device, log, rounds, tol, max_remeasure, progress, part, interleave_ms, stop)
 
 
 def run_nsweep(K, ms, n_start, n_stop, n_step, impls, dtypes=("fp16",), quant_type="nf4", blocksize=64,
@@ -124,6 +118,25 @@ def run_nsweep(K, ms, n_start, n_stop, n_step, impls, dtypes=("fp16",), quant_ty
                progress=True, part=None) -> pl.DataFrame:
     """Time N = n_start, n_start + n_step, ..., up to n_stop (inclusive) at fixed K, for every M, dtype
     and impl. Shapes are named "n{N}_k{K}", family "nsweep". Same log and return value as `run_grid`."""
+    plan = nsweep_plan(K, ms, n_start, n_stop, n_step, impls, dtypes, quant_type, blocksize, nested, cold)
+    return run_plan(plan, device, log, rounds, tol, max_remeasure, progress, part)
+
+
+def grid_plan(shapes, ms, dtypes, impls, quant_types=("nf4",), blocksize=64, nested=False, cold=True,
+              sweep="grid", impl_max_m=None) -> Plan:
+    """What `run_grid` measures, checked: its chunks and points."""
+    if sweep not in GRID_LABELS:
+        raise SweepError(f"sweep label {sweep!r}: use 'grid', or 'repeat' for a re-measurement in the same run "
+                         f"(or {', '.join(GRID_LABELS[2:])} for an experiment)")
+    shape_list = _shape_list(shapes)
+    quant_types = _names(quant_types, formats.QUANT_TYPES, "quant type")
+    chunks = tuple(Chunk((s,), qt) for s in shape_list for qt in quant_types)
+    return _plan(sweep, chunks, ms, dtypes, impls, blocksize, nested, cold, impl_max_m)
+
+
+def nsweep_plan(K, ms, n_start, n_stop, n_step, impls, dtypes=("fp16",), quant_type="nf4", blocksize=64,
+                nested=False, cold=True) -> Plan:
+    """What `run_nsweep` measures, checked: its chunks and points."""
     if not (0 < n_start <= n_stop and n_step > 0):
         raise SweepError(f"N range {n_start}..{n_stop} step {n_step}: need 0 < n_start <= n_stop and n_step > 0")
     ns = range(n_start, n_stop + 1, n_step)
@@ -131,12 +144,11 @@ def run_nsweep(K, ms, n_start, n_stop, n_step, impls, dtypes=("fp16",), quant_ty
     quant_type = _names([quant_type], formats.QUANT_TYPES, "quant type")[0]
     chunks = tuple(Chunk(tuple(points[i:i + NSWEEP_CHUNK_NS]), quant_type)
                    for i in range(0, len(points), NSWEEP_CHUNK_NS))
-    plan = _plan("nsweep", chunks, ms, dtypes, impls, blocksize, nested, cold)
-    return _run(plan, device, log, rounds, tol, max_remeasure, progress, part)
+    return _plan("nsweep", chunks, ms, dtypes, impls, blocksize, nested, cold)
 
 
 def _plan(sweep, chunks, ms, dtypes, impls, blocksize, nested, cold, impl_max_m=None) -> Plan:
-    """The validated plan both runners hand to `_run`."""
+    """The plan both planners return."""
     return Plan(sweep, chunks, _ms(ms), _names(dtypes, tuple(ops.DTYPES), "dtype"), _impls(impls), blocksize,
                 bool(nested), bool(cold), dict(impl_max_m or {}))
 
@@ -198,7 +210,8 @@ def _ms(ms) -> tuple[int, ...]:
     return tuple(sorted({int(m) for m in ms}))
 
 
-def _validate(plan: Plan, rounds: int, tol: float, max_remeasure: int) -> None:
+def validate(plan: Plan, rounds: int, tol: float, max_remeasure: int) -> None:
+    """Refuse a plan or measuring settings no sweep can run (before anything is measured)."""
     if plan.blocksize not in formats.BLOCKSIZES:
         raise SweepError(f"blocksize {plan.blocksize}: use one of {formats.BLOCKSIZES}")
     bad = list(dict.fromkeys(s for c in plan.chunks for s in c.shapes if s.K % plan.blocksize))
@@ -285,10 +298,11 @@ class _Stopped(Exception):
     """The sweep's stop event was set: end it, keeping every finished point."""
 
 
-def _run(plan: Plan, device, log, rounds, tol, max_remeasure, progress, part, interleave_ms=True,
-         stop=None) -> pl.DataFrame:
+def run_plan(plan: Plan, device, log, rounds, tol, max_remeasure, progress, part, interleave_ms=True,
+             stop=None) -> pl.DataFrame:
+    """Measure `plan` (from `grid_plan` or `nsweep_plan`): the work of `run_grid` and `run_nsweep`."""
     device = bench.as_device(device)
-    _validate(plan, rounds, tol, max_remeasure)
+    validate(plan, rounds, tol, max_remeasure)
     chunks = plan.chunks
     if part is not None:
         index, parts = part
