@@ -262,8 +262,11 @@ def device_facts(device: torch.device | str | None = None) -> dict:
     device = as_device(device)
     facts = {"torch_version": torch.__version__}
     if device.type == "cpu":
-        return facts | {"device": f"cpu: {_cpu_model()}", "vendor": "cpu", "arch": platform.machine(),
-                        "driver": "", "runtime": "cpu", "timer": "wall_clock", "l2_bytes": 0,
+        # Q4LAB_CPU_ARCH: the CPU stands in for a device of that arch (tests run a fleet of CPUs this way)
+        stand_in = os.environ.get("Q4LAB_CPU_ARCH")
+        return facts | {"device": f"cpu: {_cpu_model()}" + (f" as {stand_in}" if stand_in else ""),
+                        "vendor": "cpu", "arch": stand_in or platform.machine(), "driver": "", "runtime": "cpu",
+                        "timer": "wall_clock", "l2_bytes": 0,
                         "sm_count": os.cpu_count() or 0}
     props = torch.cuda.get_device_properties(device)
     amd = bool(torch.version.hip)

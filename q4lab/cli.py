@@ -1,6 +1,6 @@
-"""`q4lab info | build | resources | shapes | sweep | bench | configs | dispatch | report`: each command's
-options and work live in the module that owns it (`kernels`, `amd_asm`, `shapes`, `sweep_cli`, `dispatch`,
-`report`); this file only wires them to argparse."""
+"""`q4lab info | build | resources | shapes | sweep | bench | configs | fleet | dispatch | report`: each
+command's options and work live in the module that owns it (`kernels`, `amd_asm`, `shapes`, `sweep_cli`,
+`fleet`, `dispatch`, `report`); this file only wires them to argparse."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,7 @@ COMMANDS = {
     "sweep": ("q4lab.sweep_cli", "measure M grids and N sweeps into a raw log and a parquet dataset"),
     "bench": ("q4lab.sweep_cli", "time every impl on NxK sizes of your choice into a dataset (sweep 'bench')"),
     "configs": ("q4lab.sweep_cli", "time every simt launch configuration into a dataset (sweep 'configs')"),
+    "fleet": ("q4lab.fleet", "the `ray start` flags announcing this node's GPUs to a sweep fleet (fleet resources)"),
     "dispatch": ("q4lab.dispatch", "fit the rule impl='auto' follows to datasets (q4lab dispatch fit DATA --out RULE.json)"),
     "report": ("q4lab.report", "run every notebook through papermill into reports/index.html"),
 }

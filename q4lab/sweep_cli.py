@@ -1,5 +1,6 @@
 """`q4lab sweep grid | nsweep | compact`: the command line of q4lab.sweep, and a sweep split over several
-GPUs (one worker process per GPU, each into its own log, compacted into one dataset)."""
+GPUs of this host (one worker process per GPU, each into its own log, compacted into one dataset) or, with
+--ray, over the GPUs of a Ray cluster (q4lab.fleet, one dataset per device)."""
 from __future__ import annotations
 
 import argparse
@@ -13,16 +14,19 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from q4lab import formats, ops
+from q4lab import dataset, fleet, formats, ops
 from q4lab.runlog import SweepError, compact
 from q4lab.shapes import FAMILIES, Shape
-from q4lab.sweep import CONFIG_IMPLS, GRID_MS, RUNNERS, SHIPPED_IMPL_MAX_M, SHIPPED_MS, TIMED_IMPLS
+from q4lab.sweep import (CONFIG_IMPLS, GRID_MS, RUNNERS, SHIPPED_IMPL_MAX_M, SHIPPED_MS, TIMED_IMPLS, grid_plan,
+                         nsweep_plan)
 
 # The grid options --preset shipped leaves at their defaults
 SHIPPED_DEFAULTS = {"shapes": "all", "m": None, "dtypes": "fp16,bf16,fp32", "impls": ",".join(TIMED_IMPLS),
                     "quant_types": "nf4", "repeat": False}
 
 _WORKER = "import json, sys, q4lab.sweep as s; s.RUNNERS[sys.argv[1]](**json.loads(sys.argv[2]))"
+PLANS = {"run_grid": grid_plan, "run_nsweep": nsweep_plan}   # a runner's plan alone, from its arguments
+SETTINGS = ("rounds", "tol", "max_remeasure")                # a runner's arguments that are not its plan's
 
 
 def gpu_list(spec: str | None) -> list[int] | None:
@@ -142,6 +146,11 @@ def add_run_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--log", type=Path,
                      help="raw JSON-lines log (default: --out with .jsonl); the same log resumes a sweep")
     cmd.add_argument("--gpus", help="'all' or GPU indices (0,1): one process per GPU, one dataset")
+    cmd.add_argument("--ray", metavar="ADDRESS",
+                     help="measure on the GPUs of a Ray cluster ('auto': the one this machine joined), one "
+                          "dataset per device: <out stem>.<host>.<arch>.parquet (README, several hosts)")
+    cmd.add_argument("--arch", help="with --ray: architectures to measure on, e.g. sm_90,gfx1201, or 'all' the "
+                                    "cluster announces (the default)")
     cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -178,6 +187,10 @@ def measure(func: str, kwargs: dict, args: argparse.Namespace) -> int:
     _writable(args.out, "--out")
     log = args.log or args.out.with_suffix(".jsonl")
     _writable(log, "--log")
+    if args.ray:
+        return _measure_on_ray(func, kwargs, args, log)
+    if args.arch:
+        raise SweepError("--arch picks architectures of a Ray cluster: give --ray too (or leave --arch out)")
     gpus = gpu_list(args.gpus)
     if gpus is not None and len(gpus) > 1:
         logs = run_on_gpus(func, kwargs, gpus, log)
@@ -187,6 +200,18 @@ def measure(func: str, kwargs: dict, args: argparse.Namespace) -> int:
         logs = [log]
     frame = compact(logs, args.out)
     print(f"{args.out}: {frame.height} rows (raw log: {', '.join(map(str, logs))})")
+    return 0
+
+
+def _measure_on_ray(func: str, kwargs: dict, args: argparse.Namespace, log: Path) -> int:
+    """--ray: the plan's chunks as Ray tasks on every asked architecture, one dataset per device."""
+    if args.gpus:
+        raise SweepError("--ray and --gpus exclude each other: on a Ray cluster, Ray hands out the GPUs")
+    settings = {k: kwargs[k] for k in SETTINGS}
+    plan = PLANS[func](**{k: v for k, v in kwargs.items() if k not in (*SETTINGS, "progress")})
+    paths = fleet.run_on_ray(plan, settings, args.ray, args.arch or "all", args.out, log,
+                             progress=not args.no_progress)
+    print("\n".join(f"{path}: {dataset.load(path).height} rows" for path in paths))
     return 0
 
 
