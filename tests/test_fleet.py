@@ -125,6 +125,97 @@ def test_chunk_logs_are_named_by_host_arch_and_chunk():
     assert fleet.chunk_name(sweep.Chunk((a,), "fp4")) == "n64_k128.fp4"
 
 
+# --- the driver, on a stand-in for Ray ------------------------------------------------------------------
+
+class FakeRay:
+    """Ray as the driver uses it, in-process: a task's result is `outcome(arch, chunk index)` (rows, or an
+    error to raise), and the architectures in `departed` leave the cluster once the sweep has started."""
+
+    class exceptions:
+        class RayError(Exception):
+            pass
+
+    def __init__(self, archs, outcome, departed=()):
+        self.archs, self.outcome, self.departed = archs, outcome, set(departed)
+        self.submitted, self.cancelled = [], []
+
+    def init(self, **kwargs):
+        pass
+
+    def shutdown(self):
+        pass
+
+    def nodes(self):
+        return [{"Alive": True, "NodeManagerHostname": f"box-{arch}", "Resources": {"GPU": 1.0, f"arch:{arch}": 1.0}}
+                for arch in self.archs]
+
+    def cluster_resources(self):
+        return {f"arch:{arch}": 1.0 for arch in self.archs if arch not in self.departed}
+
+    def remote(self, **kwargs):
+        fake = self
+
+        class Task:
+            def options(self, resources, num_gpus):
+                assert num_gpus == 1 and len(resources) == 1
+                return self
+
+            def remote(self, plan, index, arch, log, settings):
+                fake.submitted.append((arch, index))
+                return arch, index
+
+        return lambda function: Task()
+
+    def wait(self, refs, num_returns, timeout):
+        ready = [ref for ref in refs if ref[0] not in self.departed][:num_returns]
+        return ready, [ref for ref in refs if ref not in ready]
+
+    def get(self, ref):
+        result = self.outcome(*ref)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def cancel(self, ref, force):
+        self.cancelled.append(ref)
+
+
+def test_the_driver_writes_each_device_reports_failures_and_departures_and_resumes(tmp_path, monkeypatch):
+    shapes = [Shape("tiny.a", "", "", 96, 128, "test", ""), Shape("tiny.b", "", "", 64, 128, "test", "")]
+    plan = sweep.grid_plan(shapes, [1, 2], ["fp32"], ["dense"])
+    base = rows("", "", [1], 1.0).row(0, named=True)
+
+    def measured(arch, index):
+        return pl.DataFrame([base | p._asdict() | {"host": f"box-{arch}", "arch": arch}
+                             for p in plan.points(plan.chunks[index], plan.impls)], schema=dataset.SCHEMA)
+
+    def outcome(arch, index):
+        return FakeRay.exceptions.RayError("Traceback ...\nRuntimeError: kernel crashed") \
+            if (arch, index) == ("fake_b", 1) else measured(arch, index)
+
+    out, settings = tmp_path / "grid.parquet", dict(rounds=1, tol=0.05, max_remeasure=0)
+    ray = FakeRay(["fake_a", "fake_b", "gone"], outcome, departed=["gone"])
+    monkeypatch.setattr(fleet, "_ray", lambda: ray)
+    monkeypatch.setattr(fleet, "WATCH_S", 0)
+    with pytest.raises(RuntimeError) as err:
+        fleet.run_on_ray(plan, settings, "auto", "all", out, tmp_path / "grid.jsonl", progress=False)
+    message = str(err.value)
+    assert message.startswith("3 chunk(s) not measured") and "run the same command again" in message
+    assert "tiny.b.nf4 on fake_b: RuntimeError: kernel crashed" in message          # reported, not retried
+    assert "tiny.a.nf4 on gone: no node of that architecture is left" in message    # not waited for
+    assert sorted(ray.cancelled) == [("gone", 0), ("gone", 1)]
+    assert dataset.load(tmp_path / "grid.box-fake_a.fake_a.parquet").height == 4
+    assert dataset.load(tmp_path / "grid.box-fake_b.fake_b.parquet").height == 2
+
+    ray = FakeRay(["fake_a", "fake_b"], measured)                     # run again: only what is missing
+    monkeypatch.setattr(fleet, "_ray", lambda: ray)
+    paths = fleet.run_on_ray(plan, settings, "auto", "all", out, tmp_path / "grid.jsonl", progress=False)
+    assert ray.submitted == [("fake_b", 1)]
+    assert [dataset.load(p).height for p in paths] == [4, 4]
+    with pytest.raises(runlog.SweepError, match="rounds >= 1"):         # bad settings: refused before any task
+        fleet.run_on_ray(plan, settings | {"rounds": 0}, "auto", "all", out, tmp_path / "grid.jsonl")
+
+
 # --- a local Ray cluster of two fake architectures (slow) ------------------------------------------------
 
 FLEET_SHAPES = ["llama-3.2-1b.kv_proj", "qwen3-30b-a3b.expert_up"]
