@@ -31,6 +31,10 @@ EXAMPLES = """examples:
   q4lab shapes                                   the canonical shapes a sweep can take
   q4lab sweep grid --shapes all --dtypes fp16,bf16 --out runs/mygpu.parquet
   q4lab sweep nsweep --k 4096 --m 1,8 --out runs/mygpu_nsweep.parquet
+  q4lab sweep grid --preset shipped --gpus all --out data/h200_mgrid.parquet
+                                                 refresh the shipped grid (data/README.md: about 10 minutes)
+  q4lab bench --shapes 28672x8192 --m 1,8 --out runs/bench.parquet
+                                                 every impl on sizes of your choice (sweep 'bench')
   q4lab info                                     torch, GPU, compilers; what this machine can do
   q4lab resources --arch gfx1201                 each kernel's VGPRs, spills and waves per SIMD on an AMD target
 

@@ -64,6 +64,7 @@ def fake_clock(monkeypatch):
 
 # --- end to end ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tiny_grid_end_to_end_into_parquet(tmp_path, quick_clock):
     log, out = tmp_path / "grid.jsonl", tmp_path / "grid.parquet"
     with pytest.warns(UserWarning, match="'simt' skipped"):
@@ -136,6 +137,7 @@ def test_unsettled_points_are_measured_again_then_kept_as_unstable(tmp_path, fak
 
 # --- interruptions -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_with_nothing_lost_or_taken_twice(tmp_path, monkeypatch, quick_clock):
     log = tmp_path / "grid.jsonl"
     real = bench.time_call
