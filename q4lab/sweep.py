@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 import q4lab
 from q4lab import bench, formats, kernels, launch, ops, writer_lock
+from q4lab.checks import CHECK_TOLERANCE, CheckedRows, check_error
 from q4lab.runlog import (IDENTITY, Point, PointLog, RawLog, SweepError, check_identity, finished_rows,
                           log_identity, point_logs)
 from q4lab.shapes import Shape, nsweep_shape, select
@@ -57,10 +58,6 @@ CONFIG_IMPLS = tuple(f"simt/r{R}m{MT}" for R, MT in launch.SIMT_CONFIGS)
 # The `sweep` labels of M grids: the shipped grid, a re-measurement of some of its points, and the
 # experiments `q4lab bench` (any N x K) and `q4lab configs` (every simt launch configuration) run
 GRID_LABELS = ("grid", "repeat", "bench", "configs")
-# Largest |out - reference| relative to the largest |reference| that passes, by activation dtype: a few
-# roundings of the output and of a dense weight in that dtype; a wrong kernel misses by O(1).
-CHECK_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 4e-2}
-CHECK_FIRST_ROWS = 4          # rows checked: these, plus the last row of every M
 NSWEEP_CHUNK_NS = 8           # N values whose points are interleaved in one chunk
 
 
@@ -189,18 +186,6 @@ def impl_call(impl: str, A: torch.Tensor, w: formats.Q4Weight):
         R, MT = launch.SIMT_CONFIGS[CONFIG_IMPLS.index(impl)]
         return functools.partial(ops.simt_gemm, A, w, rows_per_warp=R, m_tile=MT)
     return functools.partial(ops.gemm_4bit, A, w, impl=impl)
-
-
-def reference(A: torch.Tensor, w: formats.Q4Weight) -> torch.Tensor:
-    """The float64 reference of A @ w^T on A's device: the `reference` impl's arithmetic (float64
-    accumulation of the dequantized weight), which on the CPU takes seconds for a large weight."""
-    return A.double() @ formats.dequantize_float64(w).T
-
-
-def check_error(out: torch.Tensor, want: torch.Tensor) -> float:
-    """Largest |out - reference| relative to the largest |reference| (NaN when `out` holds a NaN): compared
-    with CHECK_TOLERANCE[activation dtype]."""
-    return float((out.double().cpu() - want.cpu()).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
 def _ms(ms) -> tuple[int, ...]:
@@ -393,7 +378,7 @@ def _measure_chunk(ctx: _Context, chunk: Chunk, todo: dict[Point, tuple[int, int
         inputs[K, dtype] = torch.randn(max(plan.ms), K, generator=gen, device=device).to(ops.DTYPES[dtype])
     calls = {p: impl_call(p.impl, inputs[p.K, p.dtype][:p.M], weights[p.shape]) for p in todo}
 
-    references = _References(plan, inputs, weights)
+    references = CheckedRows(plan.ms, plan.dtypes, inputs, weights)
     for p in list(todo):
         if not ctx.plogs[p].checked and not ctx.plogs[p].attempts and not _check(ctx, p, calls[p], references):
             ctx.bar.total -= len(todo.pop(p)[2])
@@ -427,29 +412,6 @@ def _measure_rounds(ctx: _Context, todo: dict[Point, tuple[int, int, list[int]]]
         ctx.finished(len(items) - len(todo))
 
 
-class _References:
-    """Reference outputs of the checked rows, once per shape for every dtype together: the reference
-    impl's arithmetic (float64 accumulation of the dequantized weight) but on the sweep's device, since
-    the `reference` impl itself runs on the CPU, where a 100M-element weight takes seconds to check and
-    an N sweep holds hundreds of them."""
-
-    def __init__(self, plan: Plan, inputs: dict, weights: dict):
-        self.plan, self.inputs, self.weights = plan, inputs, weights
-        self.rows = sorted(set(range(min(CHECK_FIRST_ROWS, max(plan.ms)))) | {m - 1 for m in plan.ms})
-        self.cache: dict[str, dict[str, torch.Tensor]] = {}
-
-    def rows_for(self, M: int) -> list[int]:
-        return [i for i, row in enumerate(self.rows) if row < M]
-
-    def get(self, p: Point) -> torch.Tensor:
-        if p.shape not in self.cache:
-            dtypes = [d for d in self.plan.dtypes if (p.K, d) in self.inputs]
-            A = torch.cat([self.inputs[p.K, d][self.rows] for d in dtypes])
-            out = reference(A, self.weights[p.shape]).cpu()
-            self.cache[p.shape] = dict(zip(dtypes, out.split(len(self.rows))))
-        return self.cache[p.shape][p.dtype]
-
-
 def _record(ctx: _Context, kind: str, p: Point, **fields) -> dict:
     rec = {"kind": kind, "run_id": ctx.run_id, **p._asdict(), **fields, "timestamp": _now()}
     ctx.raw.append(rec)
@@ -462,12 +424,12 @@ def _error(ctx: _Context, p: Point, reason: str) -> None:
     ctx.plogs[p].error = reason
 
 
-def _check(ctx: _Context, p: Point, call, references: _References) -> bool:
+def _check(ctx: _Context, p: Point, call, references: CheckedRows) -> bool:
     """Compare the impl's output on the checked rows with the reference; log the result."""
     tolerance = CHECK_TOLERANCE[p.dtype]
     try:
         out = call()
-        ref = references.get(p)
+        ref = references.get(p.shape, p.K, p.dtype)
     except Exception as err:  # the impl (or the reference) cannot compute this point: an error row
         _error(ctx, p, f"raised {type(err).__name__}: {err}")
         return False

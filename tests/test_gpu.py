@@ -1,6 +1,7 @@
 """On a GPU: every impl against the float64 reference on awkward shapes, every blocksize, a sweep end to end,
 and the kernels under compute-sanitizer. Run them on a GPU machine with `.venv/bin/python -m pytest -m gpu`;
-without a GPU they are skipped (tests/conftest.py). The reference and the tolerances are the sweep's own."""
+without a GPU they are skipped (tests/conftest.py). The reference and the tolerances are the ones every
+check uses (q4lab.checks)."""
 import itertools
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from q4lab import formats, ops, runlog, sweep
+from q4lab import checks, formats, ops, runlog, sweep
 
 pytestmark = pytest.mark.gpu
 
@@ -29,8 +30,8 @@ def check(impl: str, A: torch.Tensor, w: formats.Q4Weight, bias, want: torch.Ten
     """None when `impl` writes every output and matches the reference, else what went wrong."""
     out = torch.full((A.shape[0], w.N), float("nan"), dtype=A.dtype, device=A.device)  # poisoned
     ops.gemm_4bit(A, w, bias, impl, out=out)
-    error = sweep.check_error(out, want)  # NaN (an output never written) fails too
-    return None if error <= sweep.CHECK_TOLERANCE[dtype] else f"{impl}: error {error:.3g}"
+    error = checks.check_error(out, want)  # NaN (an output never written) fails too
+    return None if error <= checks.CHECK_TOLERANCE[dtype] else f"{impl}: error {error:.3g}"
 
 
 @pytest.mark.parametrize("N, K", SHAPES)
@@ -44,7 +45,7 @@ def test_every_impl_matches_the_reference_and_writes_every_output(N, K):
         for M, with_bias in itertools.product(MS, (False, True)):
             A = torch.randn(M, K, device="cuda", generator=g).to(torch_dtype)
             bias = torch.randn(N, device="cuda", generator=g).to(torch_dtype) if with_bias else None
-            want = sweep.reference(A, w) + (bias.double() if with_bias else 0)
+            want = checks.reference(A, w) + (bias.double() if with_bias else 0)
             failures += [f"{quant_type} nested={nested} {dtype} M={M} bias={with_bias} {why}"
                          for impl in gpu_impls(dtype) if (why := check(impl, A, w, bias, want, dtype))]
     assert not failures, "\n".join(failures)
@@ -58,7 +59,7 @@ def test_every_blocksize_including_a_partial_last_group():
         w = formats.quantize(torch.randn(129, K, device="cuda", generator=g, dtype=torch.float16), quant_type,
                              blocksize, nested)
         A = torch.randn(5, K, device="cuda", generator=g, dtype=torch.float16)
-        want = sweep.reference(A, w)
+        want = checks.reference(A, w)
         failures += [f"blocksize {blocksize} {quant_type} nested={nested} {why}"
                      for impl in gpu_impls("fp16", blocksize) if (why := check(impl, A, w, None, want, "fp16"))]
     assert not failures, "\n".join(failures)

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from q4lab import formats, kernels, ops, sweep
+from q4lab import checks, formats, kernels, ops
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or ops.available_impls("cuda")["mma"] is not None,
                                reason="needs an NVIDIA GPU of sm_80 or later (the mma kernel runs nowhere else)")
@@ -42,9 +42,9 @@ def test_mma_matches_float64_with_every_k_split_and_leaves_the_tickets_at_zero(d
         for M, split in ((1, 2), (7, 3), (13, 2), (31, 3), (47, 1), (67, 2)):
             A = torch.randn(M, K, device="cuda", generator=g).to(dtype)
             bias = torch.randn(N, device="cuda", generator=g).to(dtype) if M % 2 else None
-            want = sweep.reference(A, w) + (bias.double() if bias is not None else 0)
+            want = checks.reference(A, w) + (bias.double() if bias is not None else 0)
             for _ in range(2):
                 out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
                 ops.mma_gemm(A, w, bias, split=min(split, K // 64), out=out)
-                error = sweep.check_error(out, want)
-                assert error <= sweep.CHECK_TOLERANCE[dname], f"{qt} nested={nested} N={N} K={K} M={M}: {error:.2e}"
+                error = checks.check_error(out, want)
+                assert error <= checks.CHECK_TOLERANCE[dname], f"{qt} nested={nested} N={N} K={K} M={M}: {error:.2e}"
