@@ -34,7 +34,7 @@ from q4lab.shapes import MODELS, model_layers
 
 RULE_KINDS = ("single", "per_dtype", "shape")
 NOT_DISPATCHED = ("dense", "reference", "bnb")  # not 4-bit impls of this package: candidates only when named
-TREE_DEPTH = 2
+TREE_DEPTH = 3  # 2 held out worse on the H200 grid with mma (p95 regret 1.27 against 1.18)
 MIN_LEAF_SHAPES = 4
 MIN_GAIN = 0.25  # a split must remove this share of its node's excess regret (sum of regret - 1)
 ANY = "*"         # a key field a rule does not tell apart (single: dtype and quant_type)
@@ -231,11 +231,13 @@ def fit(df: pl.DataFrame, impls=None, kind: str = "shape", datasets=()) -> Rule:
 
 # ---------------------------------------------------------------------------------------------------------
 def regret(rule: Rule, df: pl.DataFrame, arch: str | None = None) -> pl.DataFrame:
-    """Per grid point of `df`: the rule's `chosen` impl, the `best` of the rule's impls measured there, their
+    """Per grid point of `df`: the rule's `chosen` impl, the `best` impl measured there (of the rule's impls
+    and every other 4-bit impl of the data, so that rules over different impls are scored alike), their
     times and `regret` = time_chosen_us / time_best_us, null where the chosen impl was not measured or the
     rule does not cover the row's arch and dtype (`chosen` null: auto uses its defaults there). `arch`
     applies that arch's rule to every row (transfer to another card)."""
-    impls = [i for i in rule.impls if i in df["impl"].unique().to_list()]
+    present = df.filter(pl.col("sweep").is_in(GRID_SWEEPS))["impl"].unique().sort().to_list()
+    impls = list(dict.fromkeys([i for i in rule.impls if i in present] + [i for i in present if i not in NOT_DISPATCHED]))
     times, _ = point_times(df, impls)
     chosen = [rule.choose(N, K, M, dtype, arch or a, q) if rule.covers(arch or a, dtype, q) else None
               for N, K, M, dtype, a, q in times.select("N", "K", "M", "dtype", "arch", "quant_type").iter_rows()]
@@ -305,7 +307,7 @@ def transfer(df: pl.DataFrame, kinds=RULE_KINDS, impls=None) -> pl.DataFrame:
 # ---------------------------------------------------------------------------------------------------------
 # A whole model: one decode step at batch size M
 ROLLUP_SCHEMA = {"device": pl.Utf8, "dtype": pl.Utf8, "quant_type": pl.Utf8, "model": pl.Utf8, "M": pl.Int64,
-                 "impl": pl.Utf8, "step_us": pl.Float64, "speedup_vs_dense": pl.Float64, "weights": pl.Int64,
+                 "impl": pl.Utf8, "picks": pl.Utf8, "step_us": pl.Float64, "speedup_vs_dense": pl.Float64, "weights": pl.Int64,
                  "interpolated": pl.Boolean}
 
 
@@ -325,9 +327,10 @@ def measured_models(df: pl.DataFrame) -> list[str]:
 def rollup(df: pl.DataFrame, rule: Rule, model: str, ms=(1, 8, 64)) -> pl.DataFrame:
     """One decode step of `model` (every weight of `shapes.model_layers` once) at each batch size in `ms`,
     per (device, dtype, quant_type): `step_us` per impl measured on all its shapes, for `auto` (the rule's
-    impl per weight) and `best` (the fastest of the rule's impls per weight); `speedup_vs_dense` = dense's
-    step / this step (above 1: faster than the unquantized weight). Between measured M each time is interpolated in log-log space (`interpolated`); an
-    impl not measured up to M has no step time there."""
+    impl per weight) and `best` (the fastest 4-bit impl per weight); `picks` names the impls a step runs;
+    `speedup_vs_dense` = dense's step / this step (above 1: faster than the unquantized weight). Between
+    measured M each time is interpolated in log-log space (`interpolated`); an impl not measured up to M, or
+    an auto that picks an impl this device never ran, has no step time there."""
     layers = model_layers(model)
     names = [s.name for s, _ in layers]
     grid = df.filter(pl.col("sweep").is_in(GRID_SWEEPS), pl.col("shape").is_in(names))
@@ -345,17 +348,20 @@ def rollup(df: pl.DataFrame, rule: Rule, model: str, ms=(1, 8, 64)) -> pl.DataFr
         for M in ms:
             times = {i: [_at(*curves[(i, n)], M) for n in names] for i in impls}
             interpolated = {i: any(M not in curves[(i, n)][0] for n in names) for i in impls}
-            choice = [rule.choose(s.N, s.K, M, dtype, arch, quant_type) for s, _ in layers]
-            times["auto"] = [times[c][j] if c in times else None for j, c in enumerate(choice)]
-            interpolated["auto"] = any(interpolated.get(c, False) for c in choice)
-            reachable = [i for i in impls if i in rule.impls]
-            times["best"] = [min((times[i][j] for i in reachable if times[i][j] is not None), default=None)
+            picks = {i: [i] for i in impls}
+            picks["auto"] = [rule.choose(s.N, s.K, M, dtype, arch, quant_type) for s, _ in layers]
+            times["auto"] = [times[c][j] if c in times else None for j, c in enumerate(picks["auto"])]
+            interpolated["auto"] = any(interpolated.get(c, False) for c in picks["auto"])
+            reachable = [i for i in impls if i in rule.impls or i not in NOT_DISPATCHED]
+            picks["best"] = [min(reachable, key=lambda i: np.inf if times[i][j] is None else times[i][j])
                              for j in range(len(layers))]
+            times["best"] = [times[i][j] for j, i in enumerate(picks["best"])]
             interpolated["best"] = any(interpolated[i] for i in reachable)
             steps = {i: None if None in t else sum(c * x for (_, c), x in zip(layers, t)) for i, t in times.items()}
             dense = steps.get("dense")
             rows += [{"device": device, "dtype": dtype, "quant_type": quant_type, "model": model, "M": M, "impl": i,
-                      "step_us": step, "speedup_vs_dense": dense / step if dense and step else None,
+                      "picks": ", ".join(sorted(set(picks[i]))), "step_us": step,
+                      "speedup_vs_dense": dense / step if dense and step else None,
                       "weights": sum(c for _, c in layers), "interpolated": interpolated[i]}
                      for i, step in steps.items()]
     return pl.DataFrame(rows, schema=ROLLUP_SCHEMA)

@@ -66,8 +66,10 @@ def dispatch_regret(cross_validated: pl.DataFrame, folds: str = "family") -> lis
         kinds = "; ".join(f"{r['kind']} {r['mean']:.3f}× mean, {r['p95']:.2f}× p95, {r['worst']:.2f}× worst"
                           for r in g.iter_rows(named=True))
         held_out = "shape families" if folds == "family" else "shapes"
+        unscored = ", ".join(f"{r['kind']} {r['n_unscored']}" for r in g.iter_rows(named=True) if r["n_unscored"])
         lines.append(f"{device}: regret of each rule kind on held-out {held_out} (time of its pick / the fastest "
-                     f"impl, over {g['n_points'].max()} points): {kinds}")
+                     f"4-bit impl, over {g['n_points'].max()} points): {kinds}"
+                     + (f" (points left unscored, their pick never measured on this device: {unscored})" if unscored else ""))
     return lines
 
 
@@ -78,14 +80,17 @@ def dispatch_rollup(rolled: pl.DataFrame) -> list[str]:
         device, dtype, quant_type, model, M = key
         step = {r["impl"]: r for r in g.iter_rows(named=True)}
         auto, dense, best = step["auto"], step.get("dense"), step["best"]
-        if auto["step_us"] is None or not dense or dense["step_us"] is None:
-            lines.append(f"{quant_type.upper()} {model} at batch {M} on {device} ({dtype}): not measured up to M={M}")
+        where = f"{quant_type.upper()} {model} at batch {M} on {device} ({dtype})"
+        if not dense or dense["step_us"] is None:
+            lines.append(f"{where}: not measured up to M={M}")
+            continue
+        if auto["step_us"] is None:
+            lines.append(f"{where}: auto picks {auto['picks']}, not all measured on this device: no step time")
             continue
         how = "interpolated in log-log space between measured batch sizes" if auto["interpolated"] else "measured"
-        lines.append(f"{quant_type.upper()} {model} at batch {M} on {device} ({dtype}): auto "
-                     f"{auto['speedup_vs_dense']:.2f}× the speed of dense ({auto['step_us'] / 1e3:.3g} ms against "
-                     f"{dense['step_us'] / 1e3:.3g} ms a decode step of {auto['weights']} weights, {how}); the "
-                     f"per-weight best of its impls {best['speedup_vs_dense']:.2f}×")
+        lines.append(f"{where}: auto {auto['speedup_vs_dense']:.2f}× the speed of dense ({auto['step_us'] / 1e3:.3g} "
+                     f"ms against {dense['step_us'] / 1e3:.3g} ms a decode step of {auto['weights']} weights through "
+                     f"{auto['picks']}, {how}); the fastest 4-bit impl of each weight {best['speedup_vs_dense']:.2f}×")
     return lines
 
 

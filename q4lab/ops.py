@@ -143,8 +143,9 @@ def device_arch(device: torch.device) -> str:
 
 
 def auto_impl(N: int, K: int, M: int, dtype: torch.dtype, device: torch.device | str,
-              quant_type: str = "nf4") -> str:
-    """The impl gemm_4bit(impl="auto") runs for an [M, K] x [N, K]^T product on `device` (module doc)."""
+              quant_type: str = "nf4", blocksize: int = 64) -> str:
+    """The impl gemm_4bit(impl="auto") runs for an [M, K] x [N, K]^T product on `device` (module doc); an
+    impl the rule picks that cannot take this dtype or blocksize (`unsupported_reason`) gets the defaults."""
     device = torch.device(device)
     name = _DTYPE_NAME[dtype]
     default = "simt" if device.type == "cuda" and M <= AUTO_SIMT_MAX_M[name] else "dequant_blas"
@@ -154,7 +155,8 @@ def auto_impl(N: int, K: int, M: int, dtype: torch.dtype, device: torch.device |
     impl = rule.choose(N, K, M, name, arch, quant_type)
     if device not in _available:
         _available[device] = available_impls(device)
-    return impl if _available[device].get(impl, "unknown impl") is None else default
+    usable = _available[device].get(impl, "unknown impl") is None and unsupported_reason(impl, name, blocksize) is None
+    return impl if usable else default
 
 
 def _check(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, impl: str) -> None:
@@ -356,7 +358,7 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
     M = A2.shape[0]
     out = torch.empty(M, w.N, dtype=A.dtype, device=A.device) if out is None else _check_out(out, A2, w, bias)
     if impl == "auto":
-        impl = auto_impl(w.N, w.K, M, A2.dtype, A2.device, w.quant_type)
+        impl = auto_impl(w.N, w.K, M, A2.dtype, A2.device, w.quant_type, w.blocksize)
     if impl == "mma":
         reason = mma_unsupported_reason(_DTYPE_NAME[A2.dtype], w.blocksize) or _mma_unavailable_reason(A2.device)
         if reason:

@@ -158,6 +158,11 @@ def test_auto_falls_back_to_the_defaults_without_a_rule_or_an_impl(monkeypatch, 
     monkeypatch.setattr(ops, "_available", {})
     monkeypatch.setattr(ops, "available_impls", lambda device: {"mma": "needs an NVIDIA GPU"})
     assert ops.auto_impl(4096, 4096, limit + 1, torch.float16, "cuda") == "dequant_blas"
+    # ... or one that runs here but cannot take this weight (mma needs blocksize >= 64)
+    monkeypatch.setattr(ops, "_available", {})
+    monkeypatch.setattr(ops, "available_impls", lambda device: {impl: None for impl in ops.IMPLS})
+    assert ops.auto_impl(4096, 4096, 1, torch.float16, "cuda", blocksize=64) == "mma"
+    assert ops.auto_impl(4096, 4096, 1, torch.float16, "cuda", blocksize=32) == "simt"
 
 
 def test_q4lab_dispatch_overrides_the_shipped_rule_in_gemm_4bit(monkeypatch, tmp_path):

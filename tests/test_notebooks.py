@@ -176,8 +176,9 @@ def test_dispatch_records_held_out_regret_transfer_and_the_roll_up(runs, synthet
     h100 = {r["kind"]: r for r in recorded.iter_rows(named=True) if r["device"].startswith("NVIDIA")}
     assert h100["shape"]["mean"] < h100["single"]["mean"]
     shipped = pl.read_parquet(out / "dispatch_shipped.parquet")  # the shipped rule covers sm_90 only
+    assert shipped.equals(dispatch.summarize(dispatch.regret(dispatch.load_rule(), grid), ("device", "dtype")))
     assert shipped.filter(pl.col("device").str.starts_with("AMD"))["n_points"].sum() == 0
-    assert shipped.filter(pl.col("device").str.starts_with("NVIDIA"))["n_unscored"].sum() == 0
+    assert shipped.filter(pl.col("device").str.starts_with("NVIDIA"))["n_points"].sum() > 0
     transfer = pl.read_parquet(out / "dispatch_transfer.parquet")
     assert transfer.height == 2 * 2 * 2  # kinds x fitted on x scored on
     rolled = pl.read_parquet(out / "dispatch_rollup.parquet")
