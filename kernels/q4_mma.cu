@@ -304,7 +304,7 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
       q4_store1<DT>(out, (long)m * w.N + n, v);
     }
 #else
-  __trap();  // AMD and pre-sm_80 NVIDIA: q4_mma_supported() says so before any launch
+  __builtin_trap();  // AMD and pre-sm_80 NVIDIA: q4_mma_supported() says so before any launch
 #endif
 }
 
