@@ -8,7 +8,9 @@ tell apart:
 - `single`: one step function per arch, over every dtype and shape (the bitsandbytes PR's one threshold);
 - `per_dtype`: one step function per (arch, dtype, quant_type);
 - `shape`: per (arch, dtype, quant_type) a tree of depth <= TREE_DEPTH splitting on N or K at geometric
-  midpoints between measured shapes, each leaf holding at least MIN_LEAF_SHAPES shapes.
+  midpoints between measured shapes, each leaf holding at least MIN_LEAF_SHAPES shapes;
+- `table`: the same tree grown while a split lowers the regret at all, down to one shape a leaf (a lookup
+  table of the measured shapes; a shape between them takes the leaf of the region it falls in).
 
 Every step function minimizes the mean regret over its points, regret = time(chosen) / time(best of the
 rule's impls at that point), with at most as many M segments as impls. Points are the grid rows' medians per
@@ -32,7 +34,7 @@ from q4lab import dataset
 from q4lab.analysis import GRID_SWEEPS, POINT, _points
 from q4lab.shapes import MODELS, model_layers
 
-RULE_KINDS = ("single", "per_dtype", "shape")
+RULE_KINDS = ("single", "per_dtype", "shape", "table")
 NOT_DISPATCHED = ("dense", "reference", "bnb")  # not 4-bit impls of this package: candidates only when named
 TREE_DEPTH = 3  # 2 held out worse on the H200 grid with mma (p95 regret 1.27 against 1.18)
 MIN_LEAF_SHAPES = 4
@@ -184,8 +186,9 @@ def _steps(m: np.ndarray, regrets: np.ndarray, impls: list[str]) -> tuple[list, 
     return steps, float(cost[:, n].min())
 
 
-def _grow(points: pl.DataFrame, regrets: np.ndarray, impls: list[str], depth: int) -> tuple[dict, float]:
-    """A tree over (N, K) with step-function leaves, split greedily while a split pays MIN_GAIN."""
+def _grow(points: pl.DataFrame, regrets: np.ndarray, impls: list[str], depth: int, min_leaf_shapes: int = MIN_LEAF_SHAPES,
+          min_gain: float = MIN_GAIN) -> tuple[dict, float]:
+    """A tree over (N, K) with step-function leaves, split greedily while a split pays `min_gain`."""
     m = points["M"].to_numpy()
     steps, cost = _steps(m, regrets, impls)
     best = None
@@ -195,16 +198,16 @@ def _grow(points: pl.DataFrame, regrets: np.ndarray, impls: list[str], depth: in
         for lo, hi in zip(levels[:-1], levels[1:]):
             threshold = round(math.sqrt(lo * hi))
             left = values <= threshold
-            if min(points.filter(left)["shape"].n_unique(), points.filter(~left)["shape"].n_unique()) < MIN_LEAF_SHAPES:
+            if min(points.filter(left)["shape"].n_unique(), points.filter(~left)["shape"].n_unique()) < min_leaf_shapes:
                 continue
             split = _steps(m[left], regrets[left], impls)[1] + _steps(m[~left], regrets[~left], impls)[1]
             if best is None or split < best[0]:
                 best = (split, feature, threshold, left)
-    if best is None or cost - best[0] <= max(MIN_GAIN * (cost - len(m)), 1e-9):
+    if best is None or cost - best[0] <= max(min_gain * (cost - len(m)), 1e-9):
         return {"steps": steps}, cost
     _, feature, threshold, left = best
-    le, le_cost = _grow(points.filter(left), regrets[left], impls, depth - 1)
-    gt, gt_cost = _grow(points.filter(~left), regrets[~left], impls, depth - 1)
+    le, le_cost = _grow(points.filter(left), regrets[left], impls, depth - 1, min_leaf_shapes, min_gain)
+    gt, gt_cost = _grow(points.filter(~left), regrets[~left], impls, depth - 1, min_leaf_shapes, min_gain)
     return {"feature": feature, "threshold": threshold, "le": le, "gt": gt}, le_cost + gt_cost
 
 
@@ -214,7 +217,7 @@ def _key_columns(kind: str) -> tuple[str, ...]:
     return ("arch",) if kind == "single" else ("arch", "dtype", "quant_type")
 
 
-def fit(df: pl.DataFrame, impls=None, kind: str = "shape", datasets=()) -> Rule:
+def fit(df: pl.DataFrame, impls=None, kind: str = "table", datasets=()) -> Rule:
     """The `kind` rule over `impls` (default: every impl of the grid but NOT_DISPATCHED) fitted to the grid
     rows of `df`; `datasets` (file names) go into its provenance with the rows' kernel hash and commit."""
     columns = _key_columns(kind)
@@ -223,7 +226,11 @@ def fit(df: pl.DataFrame, impls=None, kind: str = "shape", datasets=()) -> Rule:
     trees = {}
     for key, group in times.with_row_index("_row").group_by(columns, maintain_order=True):
         full = (*key, *[ANY] * (3 - len(columns)))
-        trees[full] = _grow(group, regrets[group["_row"].to_numpy()], impls, TREE_DEPTH if kind == "shape" else 0)[0]
+        rows = regrets[group["_row"].to_numpy()]
+        if kind == "table":  # every split that separates shapes, whatever it gains: one leaf a shape
+            trees[full] = _grow(group, rows, impls, group["shape"].n_unique(), min_leaf_shapes=1, min_gain=-1.0)[0]
+        else:
+            trees[full] = _grow(group, rows, impls, TREE_DEPTH if kind == "shape" else 0)[0]
     provenance = {"datasets": [Path(d).name for d in datasets],
                   **{c: sorted(df[c].unique().to_list()) for c in ("kernel_hash", "git_commit", "device")}}
     return Rule(kind, impls, trees, provenance)
@@ -375,7 +382,7 @@ def add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
                                                 f"--out {SHIPPED.parent.name}/{SHIPPED.name} replaces the shipped one).")
     fit_parser.add_argument("data", nargs="+", help="dataset(s): parquet paths or globs")
     fit_parser.add_argument("--out", required=True, help="the rule's JSON file")
-    fit_parser.add_argument("--kind", choices=RULE_KINDS, default="shape", help="rule kind (default: shape)")
+    fit_parser.add_argument("--kind", choices=RULE_KINDS, default="table", help="rule kind (default: table)")
     fit_parser.add_argument("--impls", default=None, help="comma-separated impls to choose among (default: every "
                                                           f"impl of the grid but {', '.join(NOT_DISPATCHED)})")
 

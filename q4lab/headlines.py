@@ -96,7 +96,7 @@ def dispatch_rollup(rolled: pl.DataFrame) -> list[str]:
 
 def dispatch_findings(frame: pl.DataFrame, batch=(1, 8)) -> list[str]:
     """The index's dispatch findings: held-out regret per rule kind, and the decode step at `batch` of the
-    first model whose every weight was measured, under the shape rule fitted on all of `frame`."""
+    first model whose every weight was measured, under the default (table) rule fitted on all of `frame`."""
     grid = frame.filter(pl.col("sweep").is_in(analysis.GRID_SWEEPS))
     lines = dispatch_regret(dispatch.cross_validate(grid, by=("device", "kind")))
     models = dispatch.measured_models(grid)

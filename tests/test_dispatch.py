@@ -48,6 +48,18 @@ def test_held_out_the_shape_rule_is_near_best_and_beats_one_threshold(h100):
     assert cv["shape"]["worst"] < cv["single"]["worst"]
 
 
+def test_the_table_rule_gives_every_measured_shape_its_own_steps(h100):
+    """Fully grown: in sample every point gets its best impl (up to a step function's segments), and held
+    out a shape takes its region's leaf, no worse than the depth-limited tree here."""
+    rule = dispatch.fit(h100, kind="table")
+    scored = dispatch.regret(rule, h100)
+    assert scored["regret"].median() == 1.0 and scored["regret"].max() <= 1.05
+    shape_rule = dispatch.fit(h100, kind="shape")
+    assert len(list(dispatch._leaves(rule.tree("sm_90", "fp16")))) > len(list(dispatch._leaves(shape_rule.tree("sm_90", "fp16"))))
+    cv = {r["kind"]: r for r in dispatch.cross_validate(h100, kinds=("shape", "table"), folds="family").iter_rows(named=True)}
+    assert cv["table"]["median"] <= 1.05 and cv["table"]["p95"] <= cv["shape"]["p95"] + 0.02
+
+
 def test_single_is_one_step_function_per_arch_and_per_dtype_one_per_dtype(planted):
     single = dispatch.fit(planted, kind="single")
     assert set(single.trees) == {("sm_90", "*", "*"), ("gfx1201", "*", "*")}
