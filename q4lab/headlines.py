@@ -59,6 +59,23 @@ def resonance(families: pl.DataFrame) -> list[str]:
     return lines
 
 
+def devices(comparison: pl.DataFrame, shift: pl.DataFrame) -> list[str]:
+    """`tables.device_comparison` and `tables.crossover_shift` as one sentence per dtype: how much faster or
+    slower B runs than A, and how far the crossovers move."""
+    lines = []
+    for (dtype,), g in comparison.group_by("dtype", maintain_order=True):
+        ratio = g["ratio"]
+        line = (f"{g['impl'][0]} ({dtype}) on {g['device_b'][0]} over {g['device_a'][0]}: median time ratio "
+                f"{ratio.median():.2f}× (interquartile range {ratio.quantile(0.25):.2f}-{ratio.quantile(0.75):.2f}×) "
+                f"over {g.height} shapes and batch sizes")
+        for (baseline,), moves in shift.filter(pl.col("dtype") == dtype).group_by("baseline", maintain_order=True):
+            known = moves["shift"].drop_nulls()
+            line += (f"; M* against {baseline} moves by a median {known.median():.2f}× over the {known.len()} shapes "
+                     f"where both are known" if known.len() else f"; M* against {baseline}: censored on one side")
+        lines.append(line)
+    return lines
+
+
 def dispatch_regret(cross_validated: pl.DataFrame, folds: str = "family") -> list[str]:
     """`dispatch.cross_validate(..., by=("device", "kind"))` as one sentence per device."""
     lines = []

@@ -35,7 +35,7 @@ from q4lab import analysis, dataset, headlines, plots, provenance, tables, write
 from q4lab.notebook_io import RECORD_MIME, REPO, _matches, _type_name, describe, gpu_missing_reason, resolve
 
 NOTEBOOK_DIR = REPO / "notebooks"
-NOTEBOOKS = ("crossover", "camping_outliers", "n_resonance", "shape_probe", "dispatch")
+NOTEBOOKS = ("crossover", "devices", "camping_outliers", "n_resonance", "shape_probe", "dispatch")
 DEFAULT_DATA = "data/*.parquet"
 
 # nbconvert's "lab" page, minus every script it would fetch from the network

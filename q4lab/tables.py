@@ -178,5 +178,5 @@ def show(frame: pl.DataFrame, title: str, name: str = "", export_dir: str = "", 
     if constant:
         header += "<br><small>" + "; ".join(f"{html.escape(c)}: {html.escape(str(v))}" for c, v in constant.items()) + "</small>"
     display(HTML(header + "</p>" + itables.to_html_datatable(
-        shown, showIndex=False, show_dtypes=False, maxBytes=0, scrollX=True, classes="display compact",
+        shown, showIndex=False, show_dtypes=False, maxBytes=0, scrollX=True, classes="display nowrap compact",
         pageLength=page_rows, lengthMenu=sorted({page_rows, 10, 25, 100}), display_logo_when_loading=False)))

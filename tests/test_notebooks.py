@@ -22,6 +22,7 @@ SMALL = {  # small parameters: the runs stay quick, and what they show is known
     "camping_outliers": {"z_threshold": 3.5, "live": True},  # no GPU here: it must say so and use the data
     "n_resonance": {"n_start": 2048, "n_stop": 12288},
     "shape_probe": {"N": 14336, "impls": ["simt", "dequant_blas"]},
+    "devices": {"baselines": ["dequant_blas"], "dtypes": ["fp16"]},
     "dispatch": {"dtypes": ["fp16"], "kinds": ["single", "shape"], "model": "llama-3-70b", "batch": [1, 3, 8]},
 }
 BAD = {  # run name -> (notebook, parameters)
@@ -108,13 +109,26 @@ def test_crossover_shows_the_planted_crossovers_and_the_median(runs, synthetic, 
     selector = next(json.loads(f) for f in _outputs(notebook, "application/vnd.plotly.v1+json") if '"updatemenus"' in f)
     assert [b["label"].split(" ")[0] for b in selector["layout"]["updatemenus"][0]["buttons"]] == sorted(
         NARROW_SHAPES, key=lambda s: ("3.2-1b" not in s))
-    assert "B = NVIDIA H100 80GB HBM3 (synthetic) over A = AMD Radeon RX 9070 XT (synthetic)" in figures
     per_shape = pl.read_csv(runs["_out"] / "crossover" / "crossover_per_shape.csv")
     assert per_shape.height == 2 * 2 and set(per_shape["shape"]) == set(NARROW_SHAPES)  # devices x shapes, fp16
     assert 'href="crossover_per_shape.csv"' in html and 'href="crossover_pivot.parquet"' in html
 
 
 @pytest.mark.slow
+def test_devices_compares_the_two_cards_shape_by_shape(runs, synthetic):
+    frame, _ = synthetic
+    notebook = _ran(runs, "devices")
+    figures = "".join(_outputs(notebook, "application/vnd.plotly.v1+json"))
+    assert "B = NVIDIA H100 80GB HBM3 (synthetic) over A = AMD Radeon RX 9070 XT (synthetic)" in figures
+    kept = nbio.recorded(notebook)
+    comparison, shift = pl.DataFrame(kept["comparison"]), pl.DataFrame(kept["shift"])
+    assert comparison.height == frame.filter(pl.col("sweep") == "grid", pl.col("dtype") == "fp16").select("shape", "M").n_unique()
+    assert set(shift["baseline"]) == {"dequant_blas"}
+    q_proj = shift.filter(pl.col("shape") == "llama-3-8b.q_proj").row(0, named=True)
+    assert q_proj["shift"] == pytest.approx(1 / 0.75)  # the planted M* scale between the two cards
+    assert (runs["_out"] / "devices" / "crossover_shift.csv").is_file()
+
+
 def test_crossover_defaults_cover_every_dtype_baseline_and_shape(runs, synthetic):
     frame, _ = synthetic
     notebook = _ran(runs, "crossover_defaults")
@@ -260,7 +274,7 @@ def test_live_on_a_gpu_measures_through_the_sweep(monkeypatch):
     assert nbio.load_or_measure("unused.parquet", True, "nsweep", **args) == "measured" and calls == [args]
 
 
-@pytest.mark.parametrize("name", ["crossover", "camping_outliers", "n_resonance"])
+@pytest.mark.parametrize("name", ["crossover", "devices", "camping_outliers", "n_resonance"])
 def test_static_text_names_nothing_a_parameter_or_the_data_picks(name):
     """Markdown stays true whatever the parameters: no impl, dtype or largest M written into it (the line
     under the title, computed from the data, says what the page covers)."""

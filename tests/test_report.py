@@ -151,11 +151,11 @@ def test_a_real_browser_renders_the_index_and_a_report_offline(built):
             page = browser.new_page()
             page.on("request", lambda r: requests.append(r.url))
             page.on("pageerror", lambda e: errors.append(str(e)))
-            for name, plots in (("index", 1), ("crossover", 4)):
+            for name, plots in (("index", 1), ("crossover", 3), ("devices", 1)):
                 page.goto((out / f"{name}.html").as_uri())
                 page.wait_for_selector(".main-svg", timeout=30_000)
                 assert page.locator(".js-plotly-plot").count() == plots, name
-                assert page.locator(".main-svg .trace").count() > 0, name  # drawn, not just a frame
+                assert page.locator(".main-svg .trace, .heatmaplayer image").count() > 0, name  # drawn, not a frame
         finally:
             browser.close()
     assert errors == []
@@ -186,7 +186,8 @@ def test_widget_views_become_a_note_without_their_text_fallback():
 def test_report_parameters_go_to_one_notebook_or_every_one_that_takes_them():
     found = report.parse_parameters(["crossover.dtypes=fp32", "n_resonance.K=8192", "z_threshold=5",
                                      "dtypes=[fp16, bf16]"], report.NOTEBOOKS)
-    assert found == {"crossover": {"dtypes": ["fp16", "bf16"]}, "n_resonance": {"K": 8192, "dtypes": ["fp16", "bf16"]},
+    assert found == {"crossover": {"dtypes": ["fp16", "bf16"]}, "devices": {"dtypes": ["fp16", "bf16"]},
+                     "n_resonance": {"K": 8192, "dtypes": ["fp16", "bf16"]},
                      "camping_outliers": {"z_threshold": 5, "dtypes": ["fp16", "bf16"]},
                      "dispatch": {"dtypes": ["fp16", "bf16"]}}  # the later -p wins
     assert report.parse_parameters([], report.NOTEBOOKS) == {}
