@@ -453,7 +453,7 @@ def dispatch_regret(regrets: pl.DataFrame, dtype: str, title: str = "") -> go.Fi
                                  hovertemplate=f"{device}<br>%{{y}} at M=%{{x}}<br>%{{customdata}}<extra></extra>"),
                       row=1, col=c)
     fig.update_xaxes(title_text="batch size M", type="category")
-    # 14 px a shape: one of these per dtype, and the page must stay readable (under ~6,000 px)
-    fig.update_layout(height=max(350, 14 * len(shapes) + 160),
+    # 12 px a shape: one of these per dtype, and the page must stay readable (under ~6,000 px)
+    fig.update_layout(height=max(350, 12 * len(shapes) + 160),
                       title=title or f"chosen vs best impl per shape and batch size ({dtype})")
     return fig
