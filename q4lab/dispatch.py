@@ -261,6 +261,16 @@ def regret(rule: Rule, df: pl.DataFrame, arch: str | None = None) -> pl.DataFram
         pl.Series("regret", np.where(unscored, np.nan, t_chosen / t_best)).fill_nan(None))
 
 
+def auto_rows(df: pl.DataFrame, rule: Rule | None = None) -> pl.DataFrame:
+    """The grid rows of the impl `rule` (default: the shipped one) picks at each point, relabelled impl
+    "auto": what gemm_4bit(impl="auto") measures there, for plotting beside the impls themselves. Points
+    of an arch or dtype the rule does not cover, or whose pick was not measured, have no auto row."""
+    grid = df.filter(pl.col("sweep") == "grid")
+    picks = regret(rule or load_rule(), grid).filter(pl.col("time_chosen_us").is_not_null()).select(
+        *POINT, pl.col("chosen").cast(pl.Utf8))
+    return grid.join(picks, left_on=[*POINT, "impl"], right_on=[*POINT, "chosen"]).with_columns(pl.lit("auto").alias("impl"))
+
+
 def summarize(regrets: pl.DataFrame, by=("kind",)) -> pl.DataFrame:
     """Mean, median, p95 and worst regret per group, with the points scored and those left unscored (the
     chosen impl unmeasured there)."""

@@ -60,6 +60,19 @@ def test_the_table_rule_gives_every_measured_shape_its_own_steps(h100):
     assert cv["table"]["median"] <= 1.05 and cv["table"]["p95"] <= cv["shape"]["p95"] + 0.02
 
 
+def test_auto_rows_are_the_measured_rows_of_the_rules_pick(h100):
+    rule = dispatch.fit(h100, kind="table")
+    auto = dispatch.auto_rows(h100, rule)
+    grid = h100.filter(pl.col("sweep") == "grid")
+    assert set(auto["impl"]) == {"auto"} and auto.height == grid.filter(pl.col("impl") == "simt").height
+    for row in auto.sample(20, seed=0).iter_rows(named=True):
+        pick = rule.choose(row["N"], row["K"], row["M"], row["dtype"], row["arch"], row["quant_type"])
+        measured = grid.filter(pl.col("shape") == row["shape"], pl.col("M") == row["M"], pl.col("dtype") == row["dtype"],
+                               pl.col("impl") == pick)
+        assert measured["time_us"].to_list() == [row["time_us"]]
+    assert dispatch.auto_rows(h100.with_columns(pl.lit("sm_80").alias("arch")), rule).height == 0  # not covered
+
+
 def test_single_is_one_step_function_per_arch_and_per_dtype_one_per_dtype(planted):
     single = dispatch.fit(planted, kind="single")
     assert set(single.trees) == {("sm_90", "*", "*"), ("gfx1201", "*", "*")}
