@@ -91,21 +91,18 @@ def _kernel_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _mma_unavailable_reason(device: torch.device) -> str | None:
-    reason = _kernel_unavailable_reason(device)
-    if reason is None and not kernels.library().q4_mma_supported():
-        reason = ("needs an NVIDIA GPU of sm_80 or later; its AMD form (WMMA/MFMA) is not written, and an AMD "
-                  "path that has never run on a card is not offered")
-    return reason
+def _mma_support_reason() -> str | None:
+    """Why the loaded library's mma kernel cannot run on the current GPU, or None."""
+    if kernels.library().q4_mma_supported():
+        return None
+    return ("needs an NVIDIA GPU of sm_80 or later; its AMD form (WMMA/MFMA) is not written, and an AMD path "
+            "that has never run on a card is not offered")
 
 
 def unsupported_reason(impl: str, dtype: str, blocksize: int) -> str | None:
     """Why `impl` cannot take this activation dtype / blocksize on any device, or None."""
-    return mma_unsupported_reason(dtype, blocksize) if impl == "mma" else None
-
-
-def mma_unsupported_reason(dtype: str, blocksize: int) -> str | None:
-    """Why impl "mma" cannot take this activation dtype / blocksize, or None (device aside)."""
+    if impl != "mma":
+        return None
     if dtype == "fp32":
         return "impl 'mma' takes fp16/bf16 activations (the tensor cores' operands); fp32 runs on 'simt'"
     if blocksize < 64:
@@ -120,7 +117,7 @@ def available_impls(device: torch.device | str = "cpu") -> dict[str, str | None]
     kernel_reason = _kernel_unavailable_reason(device)
     return {
         "simt": kernel_reason,
-        "mma": _mma_unavailable_reason(device) if kernel_reason is None else kernel_reason,
+        "mma": kernel_reason or _mma_support_reason(),
         "gemv": kernel_reason,
         "dequant_blas": kernel_reason if device.type == "cuda" else None,
         "dense": None,
@@ -284,15 +281,16 @@ def mma_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *, 
     """The mma kernel with its K split chosen by hand (`split` blocks share each output tile's K, 1..16;
     0 lets the library pick, as gemm_4bit(impl="mma") does)."""
     _check(A, w, bias, "mma")
+    reason = unsupported_reason("mma", _DTYPE_NAME[A.dtype], w.blocksize)
+    if reason:
+        raise ValueError(reason)
     A2 = A.reshape(-1, w.K)
-    out = torch.empty(A2.shape[0], w.N, dtype=A.dtype, device=A.device) if out is None else out
+    out = _check_out(out, A2, w, bias) if out is not None else torch.empty(A2.shape[0], w.N, dtype=A.dtype,
+                                                                           device=A.device)
     return _mma(A2, w, bias, out, split).reshape(*A.shape[:-1], w.N)
 
 
 def _mma(A2: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, out: torch.Tensor, split: int = 0) -> torch.Tensor:
-    reason = mma_unsupported_reason(_DTYPE_NAME[A2.dtype], w.blocksize)
-    if reason:
-        raise ValueError(reason)
     A2 = A2.contiguous()
     M = A2.shape[0]
     with torch.cuda.device(A2.device):
@@ -360,7 +358,8 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
     if impl == "auto":
         impl = auto_impl(w.N, w.K, M, A2.dtype, A2.device, w.quant_type, w.blocksize)
     if impl == "mma":
-        reason = mma_unsupported_reason(_DTYPE_NAME[A2.dtype], w.blocksize) or _mma_unavailable_reason(A2.device)
+        reason = (unsupported_reason(impl, _DTYPE_NAME[A2.dtype], w.blocksize) or _kernel_unavailable_reason(A2.device)
+                  or _mma_support_reason())
         if reason:
             raise kernels.KernelError(f"impl 'mma' is unavailable: {reason}")
     if impl in _KERNEL_IMPL or (impl == "dequant_blas" and A2.is_cuda):

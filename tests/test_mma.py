@@ -12,9 +12,9 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or ops.available_im
 
 
 def test_mma_refuses_fp32_and_small_blocks_with_the_way_out():
-    assert "simt" in ops.mma_unsupported_reason("fp32", 64)
-    assert "blocksize >= 64" in ops.mma_unsupported_reason("bf16", 32)
-    assert ops.mma_unsupported_reason("bf16", 64) is None and ops.mma_unsupported_reason("fp16", 4096) is None
+    assert "simt" in ops.unsupported_reason("mma", "fp32", 64)
+    assert "blocksize >= 64" in ops.unsupported_reason("mma", "bf16", 32)
+    assert ops.unsupported_reason("mma", "bf16", 64) is None and ops.unsupported_reason("mma", "fp16", 4096) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
