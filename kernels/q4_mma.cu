@@ -3,8 +3,8 @@
 //
 // The product is computed transposed, out^T[N, M] = W[N, K] @ A^T[K, M], with mma.sync m16n8k16: the
 // weight is the 16-row A operand and the batch the 8-column B operand, so M = 1..8 pays for one 8-wide
-// tile, not a 16-wide one. A warp owns 16 weight rows (n0 + g and n0 + g + 8 for lane group g = lane / 4)
-// and walks K in 64-weight tiles, one absmax block (blocksize >= 64) each.
+// tile, not a 16-wide one. Each 16-row tile of weights holds rows g and g + 8 for lane group g = lane / 4,
+// and K is walked in 64-weight tiles, one absmax block (blocksize >= 64) each.
 //
 // K is permuted inside a tile, identically for weights and activations, so that every load is plain and
 // contiguous: lane (g, t = lane % 4) holds bytes 8t..8t+7 of each of its two rows' 32-byte tile, i.e.
@@ -14,32 +14,41 @@
 // the step and the scale is applied once per tile to the tile's partial sums (more exact than scaling
 // the weights before the mma, and 4 FMAs per 8-column tile instead of 16 multiplies).
 //
-// Decode: the 16-entry code table, as fp16/bf16 split into its low and high bytes, sits in 8 registers of
-// every thread and is looked up four codes at a time with PRMT: the ALU pipe only, no shared-memory
-// table to fill or to queue on (a per-lane 256-entry pair table in shared memory measured slower:
-// docs/PERF.md).
+// Decode: one shared-memory load per byte, i.e. per pair of weights, from a 256-entry table of packed
+// fp16/bf16 pairs (the mma operand itself), held once per lane ([byte][lane]: every lane reads its own
+// bank, so 32 random bytes never conflict). Two ALU ops build the address (a shift, then mask-and-or with
+// the lane's column in one LOP3); the table's static shared address rides in the load's immediate.
 //
-// Pipeline: each warp streams its rows' weight tiles and absmax through its own ring of Q4_MMA_STAGES
+// Work split (stream-K): one resident block an SM, for the whole launch, fills the 32 KB table once. The
+// work is the list of (item, K tile) pairs, an item being R 16-row tiles of weights by an 8 * MT8-row
+// batch tile, K tiles innermost, and warp v of W takes the v-th W-th of that list: equal shares whatever
+// the shape, no wave quantization. A warp walks its share with counters, not divisions, and addresses
+// with 32-bit offsets: the ring's address arithmetic was a third of the instructions. An item whose K a warp holds whole is stored directly; otherwise each
+// warp on it writes its fp32 partial sums to its own workspace slot and the last to arrive (atomic ticket)
+// sums the slots in warp order (deterministic) and stores; it also resets the ticket, so the next launch
+// needs no clearing.
+//
+// Pipeline: each warp streams its share's weight tiles and absmax through its own ring of Q4_MMA_STAGES
 // shared-memory stages with cp.async (16 bytes a lane, L1 bypassed), Q4_MMA_STAGES - 1 stages in flight
 // while it decodes one: the loads hold no registers, so the bytes in flight do not cost occupancy.
-//
-// Split K: shapes with too few 64-row tiles to fill the GPU split K across gridDim.z blocks; each writes
-// fp32 partials to a workspace and the last block of a tile to arrive (atomic ticket) sums them in
-// split order (deterministic) and stores; it also resets the ticket so the workspace needs no clearing.
 #include "q4_decode.h"
 
-constexpr int Q4_MMA_WARPS = 4;      // warps a block, each on its own 16 rows: 64 rows a block
-constexpr int Q4_MMA_ROWS = 16 * Q4_MMA_WARPS;
-constexpr int Q4_MMA_MAX_SPLIT = 16;
 constexpr int Q4_MMA_STAGES = 4;      // ring stages a warp: three in flight while one is decoded
+constexpr int Q4_MMA_MIN_TILES = 4;   // K tiles a warp at least, before more warps are launched
 
-// K tiles a pipeline stage: 4 (2 KB of weights a warp) while the batch tile is small, 2 at 32-64 rows, whose
-// accumulators and activations take the registers.
-__host__ __device__ constexpr int q4_mma_stage_tiles(int mt8) { return mt8 <= 2 ? 4 : 2; }
-// Dynamic shared memory of one block: a ring per warp of 512 weight bytes and 16 absmax words a tile.
-__host__ __device__ constexpr int q4_mma_ring_bytes(int mt8) {
-  return Q4_MMA_WARPS * Q4_MMA_STAGES * q4_mma_stage_tiles(mt8) * (512 + 64);
-}
+// 16-row tiles an item. A stage copies U = 64 / (warps * R) K tiles of each of the item's rows, so fewer
+// rows mean longer runs of each row: the L1 pays per line touched, and four 16-row tiles of one K tile
+// touched 64 lines for 32 bytes each (and 64 more for 4 bytes of absmax). One tile at batch tiles of 8 and
+// 64 rows (128-256 contiguous bytes a row), two at 16-32 rows, where each activation fragment then feeds
+// two mmas.
+__host__ __device__ constexpr int q4_mma_row_tiles(int mt8) { return mt8 == 2 || mt8 == 4 ? 2 : 1; }
+// Warps a block: 16 at batch tiles of 8 rows, whose 128 registers a thread allow it (the decode's load
+// latencies want the warps), else 8.
+__host__ __device__ constexpr int q4_mma_warps(int mt8) { return mt8 == 1 ? 16 : 8; }
+__host__ __device__ constexpr int q4_mma_stage_tiles(int mt8) { return 64 / q4_mma_warps(mt8) / q4_mma_row_tiles(mt8); }
+// Dynamic shared memory of one block, the same for every instance: 4 stages of 1024 rows of 32 weight bytes
+// and an absmax word, split among the warps.
+__host__ __device__ constexpr int q4_mma_ring_bytes() { return Q4_MMA_STAGES * 1024 * (32 + 4); }
 
 #if defined(Q4_NVIDIA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define Q4_MMA_DEVICE 1
@@ -92,217 +101,231 @@ __device__ __forceinline__ uint32_t q4_half_bits(float v) {
   else return __half_as_ushort(__float2half_rn(v));
 }
 
-// PRMT with PTX's own selector semantics: bit 3 of a selector nibble sign-fills the byte (CUDA's
-// __byte_perm documents only three index bits, so the mask below is not left to it).
-__device__ __forceinline__ uint32_t q4_prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
-struct Q4PrmtTable {
-  uint32_t lo[4], hi[4];  // low / high bytes of the 16 fp16/bf16 codes, four a register
-};
-
-template <int DT, bool NESTED>
-__device__ __forceinline__ void q4_mma_fill(const Q4Tables<NESTED>& t, Q4PrmtTable& r) {
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    uint32_t lo = 0, hi = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t h = q4_half_bits<DT>(t.code[4 * q + j]);
-      lo |= (h & 0xffu) << (8 * j);
-      hi |= (h >> 8) << (8 * j);
-    }
-    r.lo[q] = lo, r.hi[q] = hi;
-  }
-}
-
-// The four packed pairs of one 32-bit word (bytes 0..3), each {even weight, odd weight}: the mma operand.
-__device__ __forceinline__ void q4_mma_decode(const Q4PrmtTable& r, uint32_t x, uint32_t (&p)[4]) {
-  // PRMT reads 3 index bits a selector nibble (its 4th bit would sign-fill): codes 0-7 and 8-15 are looked
-  // up separately and merged by a byte mask made from each code's bit 3 (a sign-filling PRMT of x and
-  // x << 4, which puts every nibble's top bit in a byte's sign bit). Selector nibble i is code i of the
-  // half word: odd weight first (bitsandbytes' low nibble).
-  const uint32_t idx = x & 0x77777777u, x4 = x << 4;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const uint32_t sel = half ? idx >> 16 : idx;
-    const uint32_t mask = q4_prmt(x, x4, half ? 0xbfae : 0x9d8c);
-    const uint32_t lo = (q4_prmt(r.lo[0], r.lo[1], sel) & ~mask) | (q4_prmt(r.lo[2], r.lo[3], sel) & mask);
-    const uint32_t hi = (q4_prmt(r.hi[0], r.hi[1], sel) & ~mask) | (q4_prmt(r.hi[2], r.hi[3], sel) & mask);
-    p[2 * half] = q4_prmt(lo, hi, 0x4051);      // byte 2*half: {code of nibble 1, code of nibble 0}
-    p[2 * half + 1] = q4_prmt(lo, hi, 0x6273);  // byte 2*half+1
-  }
-}
-
-// MT8 8-column batch tiles a block (M tile 8 * MT8).
+// MT8 8-column batch tiles an item (M tile 8 * MT8).
 template <int DT, int MT8, bool NESTED>
-__global__ void __launch_bounds__(Q4_MMA_WARPS * 32)
+__global__ void __launch_bounds__(q4_mma_warps(MT8) * 32, 1)
 q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ bias, void* __restrict__ out,
               int M, float* __restrict__ workspace, int* __restrict__ tickets) {
 #if defined(Q4_MMA_DEVICE)
-  __shared__ Q4Tables<NESTED> tables;
+  constexpr int WARPS = q4_mma_warps(MT8), THREADS = WARPS * 32, R = q4_mma_row_tiles(MT8);
+  constexpr int U = q4_mma_stage_tiles(MT8), ST = Q4_MMA_STAGES, ROWS = 16 * R, COLS = 8 * MT8;
+  static_assert(THREADS % 256 == 0 && U * R * WARPS == 64, "table fill: whole byte values a thread; ring: 1024 rows");
+  __shared__ uint32_t pair_table[256 * 32];  // [byte][lane]: the pair {code[byte >> 4], code[byte & 15]}
+  __shared__ float nested_code[NESTED ? 256 : 1];
   extern __shared__ __align__(16) uint8_t q4_mma_ring[];
-  Q4PrmtTable prmt_table;
-  constexpr int U = q4_mma_stage_tiles(MT8), ST = Q4_MMA_STAGES;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const int n0 = blockIdx.x * Q4_MMA_ROWS + warp * 16;
-  const int m0 = blockIdx.y * 8 * MT8;
-  const int K = w.K, split = gridDim.z;
-  const int tiles = K / 64, row_blocks = K >> w.blocksize_log2;
-  const int tile_begin = (int)((long)blockIdx.z * tiles / split), tile_end = (int)((long)(blockIdx.z + 1) * tiles / split);
-  uint8_t* wring = q4_mma_ring + warp * ST * U * 512;  // [stage][tile][16 rows][32 bytes]
-  uint32_t* sring = reinterpret_cast<uint32_t*>(q4_mma_ring + Q4_MMA_WARPS * ST * U * 512) + warp * ST * U * 16;
+  const int K = w.K, KT = K / 64, row_blocks = K >> w.blocksize_log2;
+  const int row_items = (w.N + ROWS - 1) / ROWS;
+  const int T = (M + COLS - 1) / COLS * row_items * KT;  // (item, K tile) pairs, K tiles innermost
+  // W <= T warps share the pairs, each at least one (a warp past W has none), so the warps on an item are
+  // exactly warp_of(its first pair) .. warp_of(its last).
+  const int W = min((int)gridDim.x * WARPS, T), v = blockIdx.x * WARPS + warp;
+  auto start_of = [&](int x) { return (int)((long)T * x / W); };              // first pair of warp x
+  auto warp_of = [&](int i) { return (int)(((long)(i + 1) * W + T - 1) / T) - 1; };  // warp holding pair i
+  const int begin = v < W ? start_of(v) : T, end = v < W ? start_of(v + 1) : T;
+  uint8_t* wring = q4_mma_ring + warp * ST * U * ROWS * 32;  // [stage][tile][ROWS rows][32 bytes]
+  uint32_t* sring = reinterpret_cast<uint32_t*>(q4_mma_ring + WARPS * ST * U * ROWS * 32) + warp * ST * U * ROWS;
 
-  // Copy roles, per stage of U tiles (U * 32 contiguous bytes of each of the warp's 16 rows): in copy c,
-  // lane l fetches 16 bytes at offset 16 * (l % (2 * U)) of row 4c + l / (2U) (U = 4: 8 lanes a row, four
-  // whole 128-byte lines an instruction), stored tile-major so the decoding lanes read as if per tile.
-  // Absmax: 16 rows x U words a stage, lane l taking tile l % U of row l / U (+ 32 / U per copy), so each
-  // row's U words are one request. Rows past N read row N-1 (in bounds) and are dropped at the store; so
-  // are batch rows past M. Nested absmax copies the aligned word that holds the 8-bit code.
+  // A place in the share: item (row item rt, batch item ct) and K tile kt, walked forward without divisions.
+  struct Pos { int rt, ct, kt; };
+  auto advance = [&](Pos p, int n) {
+    for (p.kt += n; p.kt >= KT; p.kt -= KT)
+      if (++p.rt == row_items) p.rt = 0, ++p.ct;
+    return p;
+  };
+  const Pos first = {begin / KT % row_items, begin / KT / row_items, begin % KT};
+  // Offsets below are 32-bit: N * K / 2 weight bytes and M * K activations stay under 2^32 for any LLM layer.
+  auto row_of = [&](const Pos& p, int r) { return (uint32_t)min(p.rt * ROWS + r, w.N - 1); };
+
+  // Copy roles, per stage of U pairs (U * 32 bytes of each of ROWS rows, contiguous while the stage stays in
+  // one item): in copy c lane l fetches 16 bytes at offset 16 * (l % (2U)) of row c * 32 / (2U) + l / (2U),
+  // stored tile-major so the decoding lanes read as if per tile. Absmax: ROWS x U words a stage, lane l
+  // taking tile l % U of row l / U (+ 32 / U per copy). Rows past N read row N-1 (in bounds) and are
+  // dropped at the store; so are batch rows past M. Nested absmax copies the aligned word that holds the
+  // 8-bit code.
   constexpr int LANES_A_ROW = 2 * U, ROWS_A_COPY = 32 / LANES_A_ROW;
   const int copy_chunk = lane % LANES_A_ROW, copy_tile = copy_chunk / 2, copy_half = copy_chunk % 2;
   const int scale_tile = lane % U;
-  auto issue = [&](int stage) {
-    const int slot = stage % ST, tile0 = tile_begin + stage * U;
-    if (tile0 + copy_tile < tile_end)
+  auto issue = [&](int stage, const Pos& at) {
+    const int slot = stage % ST, i = begin + stage * U;
+    if (i + copy_tile < end) {
+      const Pos p = advance(at, copy_tile);
+      const uint32_t column = p.kt * 32 + 16 * copy_half;
 #pragma unroll
-      for (int c = 0; c < 16 / ROWS_A_COPY; ++c) {
+      for (int c = 0; c < ROWS / ROWS_A_COPY; ++c) {
         const int r = c * ROWS_A_COPY + lane / LANES_A_ROW;
-        const uint8_t* src = w.packed + (long)min(n0 + r, w.N - 1) * (K / 2) + (tile0 + copy_tile) * 32 + 16 * copy_half;
-        q4_cp_async16(wring + (slot * U + copy_tile) * 512 + r * 32 + 16 * copy_half, src);
+        q4_cp_async16(wring + ((slot * U + copy_tile) * ROWS + r) * 32 + 16 * copy_half,
+                      w.packed + (row_of(p, r) * (uint32_t)(K / 2) + column));
       }
-    if (tile0 + scale_tile < tile_end)
+    }
+    if (i + scale_tile < end) {
+      const Pos p = advance(at, scale_tile);
+      const uint32_t block = (p.kt * 64) >> w.blocksize_log2;
 #pragma unroll
-      for (int c = 0; c < 16 * U / 32; ++c) {
+      for (int c = 0; c < ROWS * U / 32; ++c) {
         const int r = c * (32 / U) + lane / U;
-        const long b = (long)min(n0 + r, w.N - 1) * row_blocks + (((tile0 + scale_tile) * 64) >> w.blocksize_log2);
-        const void* src = NESTED ? static_cast<const void*>(static_cast<const uint8_t*>(w.absmax) + (b & ~3L))
+        const uint32_t b = row_of(p, r) * (uint32_t)row_blocks + block;
+        const void* src = NESTED ? static_cast<const void*>(static_cast<const uint8_t*>(w.absmax) + (b & ~3u))
                                  : static_cast<const void*>(static_cast<const float*>(w.absmax) + b);
-        q4_cp_async4(sring + (slot * U + scale_tile) * 16 + r, src);
+        q4_cp_async4(sring + (slot * U + scale_tile) * ROWS + r, src);
       }
+    }
     q4_cp_async_commit();  // an empty group past the end keeps the wait count uniform
   };
 
-  const int rows[2] = {min(n0 + g, w.N - 1), min(n0 + g + 8, w.N - 1)};
-  const uint16_t* arow[MT8];
+  const int stages = (end - begin + U - 1) / U;
+  Pos issued = first;
 #pragma unroll
-  for (int j = 0; j < MT8; ++j)
-    arow[j] = static_cast<const uint16_t*>(A) + (long)min(m0 + 8 * j + g, M - 1) * K + 16 * t;
-
-  float acc[MT8][4];
+  for (int k = 0; k < ST - 1; ++k) issue(k, issued), issued = advance(issued, U);
+  {  // the table fill, while the first stages are in flight: byte x's pair to all 32 columns, each thread
+     // starting at its own lane's column so that a warp's stores never share a bank
+    constexpr int PARTS = THREADS / 256;
+    const int x = threadIdx.x % 256, part = threadIdx.x / 256;
+    const uint32_t pair = q4_half_bits<DT>(w.code[x >> 4]) | q4_half_bits<DT>(w.code[x & 15]) << 16;
 #pragma unroll
-  for (int j = 0; j < MT8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    for (int c = part * 32 / PARTS; c < (part + 1) * 32 / PARTS; ++c) pair_table[x * 32 + ((c + lane) & 31)] = pair;
+    if constexpr (NESTED)
+      if (part == 0) nested_code[x] = w.nested_code[x];
+  }
+  __syncthreads();
 
-  auto scale_of = [&](uint32_t word, int h, int tile) {
+  // The four pairs of a 32-bit word of weights (byte b: weights 2b, 2b+1 of the word's eight).
+  const uint32_t column = lane * 4;
+  auto decode = [&](uint32_t x, uint32_t (&p)[4]) {
+    const uint32_t at[4] = {x << 7, x >> 1, x >> 9, x >> 17};  // byte b at bits 7..14: its row of 128 bytes
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+      p[b] = *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(pair_table) + ((at[b] & 0x7f80u) | column));
+  };
+
+  auto scale_of = [&](uint32_t word, const Pos& p, int r) {
     if constexpr (NESTED) {
-      const long b = (long)rows[h] * row_blocks + ((tile * 64) >> w.blocksize_log2);
-      return tables.nested_code[(word >> (8 * (b & 3))) & 0xff] * q4_load_cached(w.nested_absmax + (b >> 8)) +
-             w.nested_offset;
+      const uint32_t b = row_of(p, r) * (uint32_t)row_blocks + ((p.kt * 64) >> w.blocksize_log2);
+      return nested_code[(word >> (8 * (b & 3))) & 0xff] * q4_load_cached(w.nested_absmax + (b >> 8)) + w.nested_offset;
     } else {
       return __uint_as_float(word);
     }
   };
 
-  auto consume = [&](int slot, int u, int tile) {
-    const uint8_t* wt = wring + (slot * U + u) * 512;
-    const uint2 cw[2] = {*reinterpret_cast<const uint2*>(wt + g * 32 + 8 * t),
-                         *reinterpret_cast<const uint2*>(wt + (g + 8) * 32 + 8 * t)};
-    const uint32_t* st = sring + (slot * U + u) * 16;
-    const float scale_g = scale_of(st[g], 0, tile), scale_g8 = scale_of(st[g + 8], 1, tile);
-    float part[MT8][4];
+  float acc[R][MT8][4];
+  // Fragment element e of acc[ri][j]: item row 16ri + g (+8 for e >= 2), item column 8j + 2t (+1 odd e).
+  auto each_element = [&](auto&& f) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {  // steps 2h, 2h+1 use word h of each row and activation chunk h
-      uint4 act[MT8];
+    for (int ri = 0; ri < R; ++ri)
 #pragma unroll
-      for (int j = 0; j < MT8; ++j) act[j] = q4_load_cached(reinterpret_cast<const uint4*>(arow[j] + tile * 64 + 8 * h));
-      uint32_t pg[4], pg8[4];
-      q4_mma_decode(prmt_table, h ? cw[0].y : cw[0].x, pg);
-      q4_mma_decode(prmt_table, h ? cw[1].y : cw[1].x, pg8);
+      for (int j = 0; j < MT8; ++j)
 #pragma unroll
-      for (int s2 = 0; s2 < 2; ++s2) {
-        const uint32_t a[4] = {pg[2 * s2], pg8[2 * s2], pg[2 * s2 + 1], pg8[2 * s2 + 1]};
-#pragma unroll
-        for (int j = 0; j < MT8; ++j) {
-          if (h == 0 && s2 == 0) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
-          q4_mma16816<DT>(part[j], a, s2 ? act[j].z : act[j].x, s2 ? act[j].w : act[j].y);
-        }
-      }
-    }
+        for (int e = 0; e < 4; ++e) f(acc[ri][j][e], 16 * ri + g + (e >= 2 ? 8 : 0), 8 * j + 2 * t + (e & 1));
+  };
+
+  auto consume = [&](int slot, int u, const Pos& p) {
+    const uint8_t* wt = wring + (slot * U + u) * ROWS * 32;
+    const uint32_t* st = sring + (slot * U + u) * ROWS;
+    uint4 act[2][MT8];  // chunk h feeds steps 2h, 2h+1
 #pragma unroll
     for (int j = 0; j < MT8; ++j) {
-      acc[j][0] = fmaf(part[j][0], scale_g, acc[j][0]);
-      acc[j][1] = fmaf(part[j][1], scale_g, acc[j][1]);
-      acc[j][2] = fmaf(part[j][2], scale_g8, acc[j][2]);
-      acc[j][3] = fmaf(part[j][3], scale_g8, acc[j][3]);
+      const uint16_t* a = static_cast<const uint16_t*>(A) +
+                          ((uint32_t)min(p.ct * COLS + 8 * j + g, M - 1) * (uint32_t)K + p.kt * 64 + 16 * t);
+      act[0][j] = q4_load_cached(reinterpret_cast<const uint4*>(a));
+      act[1][j] = q4_load_cached(reinterpret_cast<const uint4*>(a + 8));
+    }
+#pragma unroll
+    for (int ri = 0; ri < R; ++ri) {
+      const int r = 16 * ri + g;
+      const uint2 cw = *reinterpret_cast<const uint2*>(wt + r * 32 + 8 * t);
+      const uint2 cw8 = *reinterpret_cast<const uint2*>(wt + (r + 8) * 32 + 8 * t);
+      const float scale = scale_of(st[r], p, r), scale8 = scale_of(st[r + 8], p, r + 8);
+      float part[MT8][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t q[4], q8[4];
+        decode(h ? cw.y : cw.x, q);
+        decode(h ? cw8.y : cw8.x, q8);
+#pragma unroll
+        for (int s2 = 0; s2 < 2; ++s2) {
+          const uint32_t a[4] = {q[2 * s2], q8[2 * s2], q[2 * s2 + 1], q8[2 * s2 + 1]};
+#pragma unroll
+          for (int j = 0; j < MT8; ++j) {
+            if (h == 0 && s2 == 0) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
+            q4_mma16816<DT>(part[j], a, s2 ? act[h][j].z : act[h][j].x, s2 ? act[h][j].w : act[h][j].y);
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < MT8; ++j) {
+        acc[ri][j][0] = fmaf(part[j][0], scale, acc[ri][j][0]);
+        acc[ri][j][1] = fmaf(part[j][1], scale, acc[ri][j][1]);
+        acc[ri][j][2] = fmaf(part[j][2], scale8, acc[ri][j][2]);
+        acc[ri][j][3] = fmaf(part[j][3], scale8, acc[ri][j][3]);
+      }
     }
   };
 
-  const int stages = (tile_end - tile_begin + U - 1) / U;
-#pragma unroll
-  for (int k = 0; k < ST - 1; ++k) issue(k);
-  q4_load_tables(tables, w);  // while the first stages are in flight
-  q4_mma_fill<DT, NESTED>(tables, prmt_table);
+  // An item's sums are complete: store them, or, when this warp held only part of its K, leave them in its
+  // workspace slot (0: the segment its share starts with, 1: the one it ends with) for the last to arrive.
+  auto flush = [&](const Pos& p, int first_pair, int last_pair) {
+    const int item = p.ct * row_items + p.rt, n0 = p.rt * ROWS, m0 = p.ct * COLS;
+    const int rows = min(ROWS, w.N - n0), cols = min(COLS, M - m0);
+    if (first_pair % KT != 0 || last_pair % KT != KT - 1) {
+      float* mine = workspace + ((long)v * 2 + (first_pair == begin ? 0 : 1)) * ROWS * COLS;
+      each_element([&](float& a, int r, int c) { if (c < cols) mine[r * COLS + c] = a; });
+      __threadfence();  // partials visible device-wide before the ticket says so
+      __syncwarp();
+      int arrived = 0;
+      if (lane == 0) arrived = atomicAdd(tickets + item, 1);
+      const int first = warp_of(item * KT), last = warp_of(item * KT + KT - 1);
+      if (__shfl_sync(0xffffffffu, arrived, 0) != last - first) return;
+      __threadfence();
+      each_element([&](float& a, int, int) { a = 0.f; });
+      for (int x = first; x <= last; ++x) {
+        const float* theirs = workspace + ((long)x * 2 + (start_of(x) >= item * KT ? 0 : 1)) * ROWS * COLS;
+        each_element([&](float& a, int r, int c) { if (c < cols) a += __ldcg(theirs + r * COLS + c); });  // L2: other SMs wrote it
+      }
+      if (lane == 0) tickets[item] = 0;  // ready for the next launch
+    }
+    each_element([&](float& a, int r, int c) {
+      if (r >= rows || c >= cols) return;
+      q4_store1<DT>(out, (long)(m0 + c) * w.N + n0 + r, bias ? a + q4_load_act1<DT>(bias, n0 + r) : a);
+    });
+  };
+
+  Pos at = first;
+  int first_pair = begin;
   for (int k = 0; k < stages; ++k) {
     __syncwarp();  // every lane is done with slot (k - 1) % ST before it is refilled
-    issue(k + ST - 1);
+    issue(k + ST - 1, issued);
+    issued = advance(issued, U);
     q4_cp_async_wait<ST - 1>();
     __syncwarp();  // the other lanes' copies of stage k are visible
+    const int i0 = begin + k * U;
+    if (at.kt + U <= KT && i0 + U <= end) {
+      // The stage's U pairs are K tiles of one item and the share: a segment can only start at the first
+      // and end at the last, so the U tiles run straight, free for the compiler to interleave.
+      if (i0 == begin || at.kt == 0) {
+        first_pair = i0;
+        each_element([&](float& a, int, int) { a = 0.f; });
+      }
+#pragma unroll(MT8 >= 8 ? 2 : U)  // 64-row batch tiles: two at a time, or their activations spill
+      for (int u = 0; u < U; ++u) consume(k % ST, u, Pos{at.rt, at.ct, at.kt + u});
+      const Pos last = {at.rt, at.ct, at.kt + U - 1};
+      if (i0 + U == end || last.kt == KT - 1) flush(last, first_pair, i0 + U - 1);
+      at = advance(at, U);
+      continue;
+    }
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int tile = tile_begin + k * U + u;
-      if (tile >= tile_end) break;
-      consume(k % ST, u, tile);
+    for (int u = 0; u < U; ++u) {  // a stage across items or past the share: pair by pair
+      const int i = i0 + u;
+      if (i >= end) break;
+      if (i == begin || at.kt == 0) {
+        first_pair = i;
+        each_element([&](float& a, int, int) { a = 0.f; });
+      }
+      consume(k % ST, u, at);
+      if (i == end - 1 || at.kt == KT - 1) flush(at, first_pair, i);
+      at = advance(at, 1);
     }
   }
   q4_cp_async_wait<0>();
-
-  // Fragment element e of batch tile j: weight row n0 + g (+8 for e >= 2), batch row m0 + 8j + 2t (+1 odd e).
-  auto index = [&](int j, int e, int& n, int& m) { n = n0 + g + (e >= 2 ? 8 : 0), m = m0 + 8 * j + 2 * t + (e & 1); };
-  if (split > 1) {
-    float* mine = workspace + (long)blockIdx.z * M * w.N;
-#pragma unroll
-    for (int j = 0; j < MT8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        int n, m;
-        index(j, e, n, m);
-        if (n < w.N && m < M) mine[(long)m * w.N + n] = acc[j][e];
-      }
-    __threadfence();  // partials visible device-wide before the ticket says so
-    __syncthreads();
-    __shared__ int last;
-    int* ticket = tickets + blockIdx.y * gridDim.x + blockIdx.x;
-    if (threadIdx.x == 0) last = atomicAdd(ticket, 1) == split - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-#pragma unroll
-    for (int j = 0; j < MT8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        int n, m;
-        index(j, e, n, m);
-        if (n >= w.N || m >= M) continue;
-        float v = 0.f;
-        for (int z = 0; z < split; ++z) v += __ldcg(workspace + ((long)z * M + m) * w.N + n);  // L2: other SMs wrote it
-        acc[j][e] = v;
-      }
-    if (threadIdx.x == 0) *ticket = 0;  // ready for the next launch
-  }
-#pragma unroll
-  for (int j = 0; j < MT8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      int n, m;
-      index(j, e, n, m);
-      if (n >= w.N || m >= M) continue;
-      float v = acc[j][e];
-      if (bias) v += q4_load_act1<DT>(bias, n);
-      q4_store1<DT>(out, (long)m * w.N + n, v);
-    }
 #else
   __builtin_trap();  // AMD and pre-sm_80 NVIDIA: q4_mma_supported() says so before any launch
 #endif
@@ -332,12 +355,14 @@ static int q4_mma_residency(q4_mma_kernel_t kernel, int mt8) {
   int n = 0;
 #if defined(Q4_NVIDIA)
   const void* entry = reinterpret_cast<const void*>(kernel);
-  if (cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize, q4_mma_ring_bytes(mt8)) != q4_success ||
-      q4_occupancy(&n, entry, Q4_MMA_WARPS * 32, q4_mma_ring_bytes(mt8)) != q4_success)
+  if (cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize, q4_mma_ring_bytes()) != q4_success ||
+      q4_occupancy(&n, entry, q4_mma_warps(mt8) * 32, q4_mma_ring_bytes()) != q4_success)
     return 0;
 #endif
   return n;
 }
+
+static int q4_mma_item_rows(int M) { return 16 * q4_mma_row_tiles(q4_mma_tiles8(M)); }
 
 extern "C" {
 
@@ -353,61 +378,54 @@ int q4_mma_supported() {
 #endif
 }
 
-// The mma launch: the batch tile (8, 16, 32 or 64 rows: the smallest that holds M, 64 above) and the K
-// split. Modelled per SM: its share of blocks, ceil(blocks * split / SMs), each costing its K tiles plus
-// two tiles of fixed cost (table fill, pipeline ramp, epilogue), run `blocks_per_sm` at a time and slowed
-// while fewer than 4 blocks (16 warps) share the SM, too few loads in flight to stream at full bandwidth.
-// The least modelled time wins among splits that leave each block two pipeline stages of K; a split must
-// beat the smaller ones by 2%. *split > 0 on entry is kept (exploring). Host code: no GPU needed.
-int q4_mma_config(int N, int M, int K, int sm_count, int blocks_per_sm, int* split, int* m_tile) {
+// The mma launch: the batch tile (8, 16, 32 or 64 rows: the smallest that holds M, 64 above) and the
+// blocks, as many as stay resident (one an SM), fewer when that would leave a warp under
+// Q4_MMA_MIN_TILES K tiles. *blocks > 0 on entry is kept (exploring). Host code: no GPU needed.
+int q4_mma_config(int N, int M, int K, int sm_count, int blocks_per_sm, int* blocks, int* m_tile) {
   if (N <= 0 || M <= 0 || K <= 0 || K % 64 != 0 || sm_count <= 0 || blocks_per_sm <= 0) return (int)q4_invalid_value;
-  const int mt8 = q4_mma_tiles8(M);
+  const int mt8 = q4_mma_tiles8(M), rows = q4_mma_item_rows(M);
   *m_tile = 8 * mt8;
-  if (*split > 0) return *split <= Q4_MMA_MAX_SPLIT && *split <= K / 64 ? 0 : (int)q4_invalid_value;
-  const long blocks = (long)((N + Q4_MMA_ROWS - 1) / Q4_MMA_ROWS) * ((M + 8 * mt8 - 1) / (8 * mt8));
-  const int tiles = K / 64, max_split = tiles / (2 * q4_mma_stage_tiles(mt8));
-  const double saturating = fmin(4.0, blocks_per_sm);
-  double best = 0;
-  *split = 1;
-  for (int s = 1; s <= Q4_MMA_MAX_SPLIT && s <= (max_split > 1 ? max_split : 1); ++s) {
-    const long per_sm = (blocks * s + sm_count - 1) / sm_count;
-    const long full_waves = per_sm / blocks_per_sm, rest = per_sm % blocks_per_sm;
-    const double block = (double)tiles / s + 2.0;  // a block's work in tiles
-    const double wave = blocks_per_sm * block / (fmin(blocks_per_sm, saturating) / saturating);
-    const double cost = full_waves * wave + (rest ? rest * block / (fmin((double)rest, saturating) / saturating) : 0.0);
-    if (s == 1 || cost < best * 0.98) best = cost, *split = s;
-  }
+  if (*blocks > 0) return 0;
+  const long pairs = (long)((M + 8 * mt8 - 1) / (8 * mt8)) * ((N + rows - 1) / rows) * (K / 64);
+  const long wanted = (pairs + Q4_MMA_MIN_TILES * q4_mma_warps(mt8) - 1) / (Q4_MMA_MIN_TILES * q4_mma_warps(mt8));
+  *blocks = (int)(wanted < (long)sm_count * blocks_per_sm ? wanted : (long)sm_count * blocks_per_sm);
+  return 0;
+}
+
+// The scratch a launch of `blocks` needs: fp32 workspace (two item-sized slots a warp) and tickets (one an
+// item), zero before the first launch (each launch leaves them zero).
+int q4_mma_scratch(int N, int M, int blocks, long* workspace_floats, int* tickets) {
+  if (N <= 0 || M <= 0 || blocks <= 0) return (int)q4_invalid_value;
+  const int cols = 8 * q4_mma_tiles8(M), rows = q4_mma_item_rows(M);
+  *workspace_floats = (long)blocks * q4_mma_warps(q4_mma_tiles8(M)) * 2 * rows * cols;
+  *tickets = (N + rows - 1) / rows * ((M + cols - 1) / cols);
   return 0;
 }
 
 // q4_mma_config on the current device: its SM count and the instance's residency. Needs a GPU.
-int q4_mma_plan(int dtype, int nested, int N, int M, int K, int* split, int* m_tile) {
+int q4_mma_plan(int dtype, int nested, int N, int M, int K, int* blocks, int* m_tile) {
   int dev = 0, sms = 0;
   if (q4_get_device(&dev) != q4_success || q4_device_attribute(&sms, q4_attr_sm_count, dev) != q4_success)
     return (int)q4_invalid_value;
   const int mt8 = q4_mma_tiles8(M), resident = q4_mma_residency(q4_mma_instance_all(dtype, nested != 0, mt8), mt8);
-  return q4_mma_config(N, M, K, sms, resident > 0 ? resident : 1, split, m_tile);
+  return q4_mma_config(N, M, K, sms, resident > 0 ? resident : 1, blocks, m_tile);
 }
 
-// split == 1: workspace and tickets unused (may be null). split > 1: workspace holds split * M * N floats,
-// tickets ceil(N / 64) * ceil(M / m_tile) ints, zero before the first launch (each launch leaves them zero).
+// workspace and tickets as q4_mma_scratch sizes them for `blocks`.
 int q4_mma_gemm(int dtype, int nested, const void* A, const uint8_t* packed, const void* absmax,
                 const float* nested_absmax, const float* nested_code, float nested_offset, const float* code,
-                const void* bias, void* out, int M, int N, int K, int blocksize, int split, float* workspace,
+                const void* bias, void* out, int M, int N, int K, int blocksize, int blocks, float* workspace,
                 int* tickets, void* stream) {
-  if (dtype == Q4_F32 || blocksize < 64 || K % 64 != 0 || split < 1 || split > Q4_MMA_MAX_SPLIT ||
-      (split > 1 && (workspace == nullptr || tickets == nullptr)))
+  if (dtype == Q4_F32 || blocksize < 64 || K % 64 != 0 || blocks < 1 || workspace == nullptr || tickets == nullptr)
     return (int)q4_invalid_value;
   Q4Weights w{packed, absmax, nested_absmax, nested_code, nested_offset, code, N, K, __builtin_ctz(blocksize)};
-  const int mt8 = q4_mma_tiles8(M);
-  const q4_mma_kernel_t kernel = q4_mma_instance_all(dtype, nested != 0, mt8);
+  const q4_mma_kernel_t kernel = q4_mma_instance_all(dtype, nested != 0, q4_mma_tiles8(M));
 #if defined(Q4_NVIDIA)
-  // The ring can exceed the 48 KB a launch gets without asking (per device: asked on every launch).
+  // The ring exceeds the 48 KB a launch gets without asking (per device: asked on every launch).
   cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       q4_mma_ring_bytes(mt8));
+                       q4_mma_ring_bytes());
 #endif
-  const dim3 grid((N + Q4_MMA_ROWS - 1) / Q4_MMA_ROWS, (M + 8 * mt8 - 1) / (8 * mt8), split);
-  kernel<<<grid, Q4_MMA_WARPS * 32, q4_mma_ring_bytes(mt8), static_cast<q4_stream_t>(stream)>>>(
+  kernel<<<blocks, q4_mma_warps(q4_mma_tiles8(M)) * 32, q4_mma_ring_bytes(), static_cast<q4_stream_t>(stream)>>>(
       A, w, bias, out, M, workspace, tickets);
   return (int)q4_get_last_error();
 }

@@ -210,6 +210,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q4_mma_config.restype = i
     lib.q4_mma_plan.argtypes = [i, i, i, i, i, ctypes.POINTER(i), ctypes.POINTER(i)]
     lib.q4_mma_plan.restype = i
+    lib.q4_mma_scratch.argtypes = [i, i, i, ctypes.POINTER(ctypes.c_long), ctypes.POINTER(i)]
+    lib.q4_mma_scratch.restype = i
     lib.q4_mma_supported.argtypes = []
     lib.q4_mma_supported.restype = i
     for name in ("q4_source_hash", "q4_targets"):

@@ -248,63 +248,68 @@ def simt_blocks_per_sm(dtype: torch.dtype, nested: bool = False) -> dict[tuple[i
     return dict(zip(kernels.SIMT_TABLE_ORDER, table))
 
 
-# Split-K scratch of the mma kernel per (device, stream): fp32 partials and the per-tile tickets, which every
-# launch leaves at zero. One per stream, so launches on different streams never share tickets.
+# Scratch of the mma kernel per (device, stream): the fp32 partial sums of items whose K several warps share,
+# and the per-item tickets, which every launch leaves at zero. One per stream, so launches on different
+# streams never share tickets.
 _mma_scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def mma_config(w: Q4Weight, M: int, dtype: torch.dtype, split: int = 0) -> tuple[int, int]:
-    """The mma launch the library picks for this weight and batch on the current GPU: (K split, batch rows a
-    block); a `split` > 0 is kept if the K allows it."""
-    return _mma_plan(torch.cuda.current_device(), _DTYPE_CODE[dtype], int(w.nested), w.N, M, w.K, split)
+def mma_config(w: Q4Weight, M: int, dtype: torch.dtype, blocks: int = 0) -> tuple[int, int]:
+    """The mma launch the library picks for this weight and batch on the current GPU: (blocks, batch rows an
+    item); `blocks` > 0 is kept."""
+    return _mma_plan(torch.cuda.current_device(), _DTYPE_CODE[dtype], int(w.nested), w.N, M, w.K, blocks)
 
 
 @functools.lru_cache(maxsize=4096)  # the plan asks the runtime for the residency: microseconds a launch
-def _mma_plan(device: int, dtype: int, nested: int, N: int, M: int, K: int, split: int) -> tuple[int, int]:
-    got_split, m_tile = ctypes.c_int(split), ctypes.c_int(0)
-    kernels.check(kernels.library().q4_mma_plan(dtype, nested, N, M, K, ctypes.byref(got_split), ctypes.byref(m_tile)))
-    return got_split.value, m_tile.value
+def _mma_plan(device: int, dtype: int, nested: int, N: int, M: int, K: int, blocks: int) -> tuple[int, int]:
+    got_blocks, m_tile = ctypes.c_int(blocks), ctypes.c_int(0)
+    kernels.check(kernels.library().q4_mma_plan(dtype, nested, N, M, K, ctypes.byref(got_blocks), ctypes.byref(m_tile)))
+    return got_blocks.value, m_tile.value
 
 
-def _mma_scratch_for(device: torch.device, stream: int, floats: int, tickets: int):
+def _mma_scratch_for(device: torch.device, stream: int, N: int, M: int, blocks: int):
+    floats, tickets = ctypes.c_long(0), ctypes.c_int(0)
+    kernels.check(kernels.library().q4_mma_scratch(N, M, blocks, ctypes.byref(floats), ctypes.byref(tickets)))
     key = (device.index if device.index is not None else torch.cuda.current_device(), stream)
     ws, tk = _mma_scratch.get(key, (None, None))
-    if ws is None or ws.numel() < floats or tk.numel() < tickets:
-        ws = torch.empty(max(floats, 1), dtype=torch.float32, device=device)
-        tk = torch.zeros(max(tickets, 1), dtype=torch.int32, device=device)
+    if ws is None or ws.numel() < floats.value or tk.numel() < tickets.value:
+        ws = torch.empty(max(floats.value, 1), dtype=torch.float32, device=device)
+        tk = torch.zeros(max(tickets.value, 1), dtype=torch.int32, device=device)
         _mma_scratch[key] = (ws, tk)
     return ws, tk
 
 
-def mma_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *, split: int = 0,
+def mma_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *, blocks: int = 0,
              out: torch.Tensor | None = None) -> torch.Tensor:
-    """The mma kernel with its K split chosen by hand (`split` blocks share each output tile's K, 1..16;
-    0 lets the library pick, as gemm_4bit(impl="mma") does)."""
+    """The mma kernel with its grid chosen by hand (`blocks` blocks of 8-16 warps split the work evenly; 0 lets
+    the library pick, as gemm_4bit(impl="mma") does). Few blocks make every warp cross many items, many
+    make many warps share each item's K: both paths of the kernel's reduction."""
     _check(A, w, bias, "mma")
     reason = unsupported_reason("mma", _DTYPE_NAME[A.dtype], w.blocksize)
     if reason:
         raise ValueError(reason)
+    if blocks < 0:
+        raise ValueError(f"blocks must be >= 0 (0: the library picks), got {blocks}")
     A2 = A.reshape(-1, w.K)
     out = _check_out(out, A2, w, bias) if out is not None else torch.empty(A2.shape[0], w.N, dtype=A.dtype,
                                                                            device=A.device)
-    return _mma(A2, w, bias, out, split).reshape(*A.shape[:-1], w.N)
+    return _mma(A2, w, bias, out, blocks).reshape(*A.shape[:-1], w.N)
 
 
-def _mma(A2: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, out: torch.Tensor, split: int = 0) -> torch.Tensor:
+def _mma(A2: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 0) -> torch.Tensor:
     A2 = A2.contiguous()
     M = A2.shape[0]
     with torch.cuda.device(A2.device):
-        split, m_tile = mma_config(w, M, A2.dtype, split)
+        blocks, _ = mma_config(w, M, A2.dtype, blocks)
     stream = torch.cuda.current_stream(A2.device).cuda_stream
-    tickets = -(-w.N // 64) * -(-M // m_tile)
-    ws, tk = _mma_scratch_for(A2.device, stream, split * M * w.N if split > 1 else 0, tickets if split > 1 else 0)
+    ws, tk = _mma_scratch_for(A2.device, stream, w.N, M, blocks)
     nested = w.nested
     kernels.check(kernels.library().q4_mma_gemm(
         _DTYPE_CODE[A2.dtype], int(nested), A2.data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(),
         w.nested_absmax.data_ptr() if nested else None, w.nested_code.data_ptr() if nested else None,
         w.nested_offset if nested else 0.0, w.code.data_ptr(),
         bias.contiguous().data_ptr() if bias is not None else None, out.data_ptr(), M, w.N, w.K, w.blocksize,
-        split, ws.data_ptr(), tk.data_ptr(), stream))
+        blocks, ws.data_ptr(), tk.data_ptr(), stream))
     return out
 
 

@@ -388,26 +388,35 @@ def test_amd_resources_without_clang_or_with_an_unknown_target_say_what_to_do(mo
         amd_asm.assembly(("gfx1201",))
 
 
-def mma_config(lib, N, M, K, sms=132, split=0, blocks_per_sm=4):
-    s, m_tile = ctypes.c_int(split), ctypes.c_int(0)
-    err = lib.q4_mma_config(N, M, K, sms, blocks_per_sm, ctypes.byref(s), ctypes.byref(m_tile))
-    return err, s.value, m_tile.value
+def mma_config(lib, N, M, K, sms=132, blocks=0, blocks_per_sm=1):
+    got, m_tile = ctypes.c_int(blocks), ctypes.c_int(0)
+    err = lib.q4_mma_config(N, M, K, sms, blocks_per_sm, ctypes.byref(got), ctypes.byref(m_tile))
+    return err, got.value, m_tile.value
+
+
+def mma_scratch(lib, N, M, blocks):
+    floats, tickets = ctypes.c_long(0), ctypes.c_int(0)
+    err = lib.q4_mma_scratch(N, M, blocks, ctypes.byref(floats), ctypes.byref(tickets))
+    return err, floats.value, tickets.value
 
 
 @pytest.mark.slow  # a kernel build
-def test_mma_launch_splits_k_only_where_the_rows_cannot_fill_the_gpu(cuda_library):
+def test_mma_launch_fills_every_sm_unless_warps_would_get_under_four_k_tiles(cuda_library):
     lib = kernels.open_library(cuda_library)
     # batch tile: the smallest of 8/16/32/64 rows that holds M
     assert [mma_config(lib, 4096, M, 4096)[2] for M in (1, 8, 9, 16, 17, 33, 64, 200)] == [8, 8, 16, 16, 32, 64, 64, 64]
-    # 2004 blocks of 64 rows fill 132 SMs many times: no split; 16 blocks (N=1024): the most the K allows
-    assert mma_config(lib, 128256, 1, 4096)[1] == 1
-    assert mma_config(lib, 1024, 1, 4096)[1] == 4096 // 64 // 8
-    assert 1 < mma_config(lib, 4096, 1, 4096)[1] <= 16
-    # every split leaves each block at least two pipeline stages of K (4 tiles a stage up to M=16)
-    for N, M, K in itertools.product((64, 1024, 8192), (1, 16, 64), (64, 512, 4096)):
-        err, split, m_tile = mma_config(lib, N, M, K)
-        assert err == 0 and 1 <= split and (split == 1 or K // 64 // split >= 2 * (4 if m_tile <= 16 else 2))
-    # a forced split is kept when the K has that many tiles, refused otherwise; K must be whole tiles
-    assert mma_config(lib, 4096, 1, 4096, split=3)[:2] == (0, 3)
-    assert mma_config(lib, 4096, 1, 128, split=3)[0] != 0
-    assert mma_config(lib, 4096, 1, 4000)[0] != 0
+    # large shapes: one resident block an SM, however many
+    assert mma_config(lib, 128256, 1, 4096)[1:] == (132, 8)
+    assert mma_config(lib, 28672, 16, 8192, blocks_per_sm=2)[1] == 264
+    # 1024 x 4096 at M=1: 64 items of 16 rows x 64 K tiles = 4096 pairs, 4 a warp: 64 blocks of 16 warps
+    assert mma_config(lib, 1024, 1, 4096)[1] == 64
+    assert mma_config(lib, 64, 1, 64)[1] == 1
+    # forced blocks are kept; K must be whole 64-weight tiles, and the sizes positive
+    assert mma_config(lib, 4096, 1, 4096, blocks=3)[:2] == (0, 3)
+    assert mma_config(lib, 4096, 1, 4000)[0] != 0 and mma_config(lib, 0, 1, 64)[0] != 0
+    # scratch: two item-sized fp32 slots a warp (items of 16 rows with 16 warps a block up to M=8, 32 rows up
+    # to M=32, then 16, with 8 warps) and a ticket an item
+    assert mma_scratch(lib, 1000, 1, 3)[1:] == (3 * 16 * 2 * 16 * 8, 63)
+    assert mma_scratch(lib, 1000, 20, 2)[1:] == (2 * 8 * 2 * 32 * 32, 32)
+    assert mma_scratch(lib, 1000, 200, 1)[1:] == (8 * 2 * 16 * 64, 63 * 4)
+    assert mma_scratch(lib, 1000, 1, 0)[0] != 0

@@ -30,21 +30,21 @@ def test_mma_on_cpu_says_it_needs_a_gpu():
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dname", ["fp16", "bf16"])
-def test_mma_matches_float64_with_every_k_split_and_leaves_the_tickets_at_zero(dname):
-    """Forced K splits (the launch picks 1 on most small shapes) on odd N and M across the batch tiles, both
-    codes and absmax forms, bias; outputs poisoned first and every launch made twice: a split's tickets
-    must be back at zero for the next launch."""
+def test_mma_matches_float64_with_every_grid_and_leaves_the_tickets_at_zero(dname):
+    """Forced grids on odd N and M across the batch tiles, both codes and absmax forms, bias: one block
+    (each warp crosses many items), a few, and the library's pick (many warps share each item's K).
+    Outputs poisoned first and every launch made twice: the tickets must be back at zero for the next."""
     dtype = ops.DTYPES[dname]
     g = torch.Generator(device="cuda").manual_seed(7)
     for (N, K), qt, nested in itertools.product([(37, 192), (1003, 512), (515, 4096)], formats.QUANT_TYPES,
                                                 (False, True)):
         w = formats.quantize(torch.randn(N, K, device="cuda", generator=g).to(dtype), qt, 64, nested)
-        for M, split in ((1, 2), (7, 3), (13, 2), (31, 3), (47, 1), (67, 2)):
+        for M, blocks in ((1, 1), (7, 3), (13, 0), (31, 2), (47, 0), (67, 5)):
             A = torch.randn(M, K, device="cuda", generator=g).to(dtype)
             bias = torch.randn(N, device="cuda", generator=g).to(dtype) if M % 2 else None
             want = checks.reference(A, w) + (bias.double() if bias is not None else 0)
             for _ in range(2):
                 out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
-                ops.mma_gemm(A, w, bias, split=min(split, K // 64), out=out)
+                ops.mma_gemm(A, w, bias, blocks=blocks, out=out)
                 error = checks.check_error(out, want)
                 assert error <= checks.CHECK_TOLERANCE[dname], f"{qt} nested={nested} N={N} K={K} M={M}: {error:.2e}"
