@@ -293,7 +293,7 @@ def run_plan(plan: Plan, device, log, rounds, tol, max_remeasure, progress, part
         index, parts = part
         chunks = tuple(chunks[i] for i in split_chunks([_chunk_cost(plan, c) for c in chunks], parts)[index])
     max_attempts = 1 + max_remeasure
-    reasons = ops.available_impls(device)
+    reasons = ops.available_impls(device, tuple(dict.fromkeys(base_impl(i) for i in plan.impls)))
     impls = tuple(i for i in plan.impls if reasons[base_impl(i)] is None)
     if not impls:  # fail before the log exists: a sweep that can measure nothing leaves nothing behind
         why = "; ".join(f"{i}: {reasons[base_impl(i)]}" for i in plan.impls)

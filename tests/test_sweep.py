@@ -2,6 +2,7 @@
 an interruption or a kill with nothing lost or taken twice, the reference check, identities that never
 mix, bad input, the multi-GPU split, the command line, and the shipped datasets."""
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -13,8 +14,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
-from q4lab import bench, dataset, ops, runlog, sweep, sweep_cli
+from q4lab import bench, dataset, dispatch, ops, runlog, sweep, sweep_cli
 from q4lab.shapes import Shape
 
 REPO = Path(__file__).resolve().parent.parent
@@ -210,6 +212,34 @@ def test_killed_sweep_resumes_with_nothing_lost_or_taken_twice(tmp_path):
     assert frame.height == 2 * 2 * 3 and frame.select(["shape", "M", "impl"]).is_unique().all()
     runs = [r["run_id"] for r in runlog.read_log(log) if r["kind"] == "run"]
     assert len(runs) == 2
+
+
+NO_BNB_WORKER = """
+import sys
+import torch
+from q4lab import bench, formats, ops, sweep
+from q4lab.shapes import Shape
+real = bench.time_call
+bench.time_call = lambda call, **kw: real(call, **kw | dict(budget_s=0.005))
+sweep.run_grid([Shape(*eval(sys.argv[1]))], [1], ["fp32"], ["dense"], rounds=1, tol=1.0, progress=False)
+ops.gemm_4bit(torch.randn(1, 128), formats.quantize(torch.randn(8, 128), "nf4", 64, False), impl="auto")
+print("before bnb:", "bitsandbytes" in sys.modules)
+ops.available_impls("cpu", ("bnb",))
+print("after bnb:", "bitsandbytes" in sys.modules)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="nothing could import it")
+def test_only_impl_bnb_imports_bitsandbytes(tmp_path):
+    """Importing bitsandbytes takes seconds: a sweep, and auto (here a rule for this CPU that picks dense),
+    do it only when they ask for impl bnb."""
+    rule = tmp_path / "rule.json"
+    arch = ops.device_arch(torch.device("cpu"))
+    rule.write_text(dispatch.Rule("per_dtype", ["dense"], {(arch, "*", "*"): {"steps": [[None, "dense"]]}}).to_json())
+    done = subprocess.run([sys.executable, "-c", NO_BNB_WORKER, repr(tuple(TINY[0]))], cwd=REPO, timeout=120,
+                          env=os.environ | {"Q4LAB_DISPATCH": str(rule)}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["before bnb: False", "after bnb: True"]
 
 
 # --- the reference check -------------------------------------------------------------------------------
