@@ -280,21 +280,6 @@ def test_correct_impls_pass_the_check_for_every_format(tmp_path, fake_clock, qua
     assert len(checks) == frame.height and max(r["error"] for r in checks) < 1e-2
 
 
-def test_git_commit_comes_from_the_environment_first_then_the_checkout(monkeypatch):
-    monkeypatch.setenv("Q4LAB_GIT_COMMIT", "0123abc")
-    assert sweep._git_commit() == "0123abc"  # wins over a checkout's (possibly stale) HEAD
-    monkeypatch.delenv("Q4LAB_GIT_COMMIT")
-    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True)
-    if head.returncode == 0:  # in a checkout
-        assert sweep._git_commit().split("-")[0] == head.stdout.strip()
-
-    def no_git(*args, **kwargs):
-        raise subprocess.CalledProcessError(128, args[0])
-
-    monkeypatch.setattr(sweep.subprocess, "run", no_git)
-    assert sweep._git_commit() == "unknown"
-
-
 # --- identities ----------------------------------------------------------------------------------------
 
 def rewrite_identity(src: Path, dst: Path, **changes) -> None:
