@@ -4,6 +4,7 @@ command's options and work live in the module that owns it (`kernels`, `amd_asm`
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -40,6 +41,25 @@ EXAMPLES = """examples:
 
 q4lab COMMAND --help explains each command's options."""
 
+# What to do about an OS error, by errno: the exception class alone does not tell a full disk from a
+# read-only one
+_OS_ERROR_FIXES = {
+    errno.EACCES: "check its permissions, or give a path you can write to",
+    errno.EPERM: "check its permissions, or give a path you can write to",
+    errno.EISDIR: "a folder stands where a file goes: give a file path",
+    errno.ENOTDIR: "part of that path is a file, not a folder: fix the path",
+    errno.ENOSPC: "the disk is full: free some space, or write somewhere else",
+    errno.EDQUOT: "the disk quota is used up: free some space, or write somewhere else",
+    errno.EROFS: "that file system is read-only: give a path on a writable one",
+}
+
+
+def _os_error_line(err: OSError) -> str:
+    """An OS error in one line: what failed, on which path(s), and what to do (where that is a path's)."""
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    fix = _OS_ERROR_FIXES.get(err.errno, "check the path, its permissions and the free disk space" if paths else "")
+    return f"{err.strerror or err}{': ' + paths if paths else ''}{'; ' + fix if fix else ''}"
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -60,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"q4lab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # permissions, a full disk, a folder where a file goes: the user's to fix
+        print(f"q4lab {args.command}: error: {_os_error_line(err)}", file=sys.stderr)
         return 2
 
 

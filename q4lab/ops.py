@@ -43,7 +43,7 @@ _KERNEL_IMPL = {"simt": 0, "gemv": 1}
 AUTO_DATASET = "data/h100_mgrid.parquet"
 AUTO_SIMT_MAX_M = {"fp16": 12, "bf16": 12, "fp32": 48}
 _rules: dict[str, dispatch.Rule] = {}  # rule file -> rule, read once per process
-_available: dict[torch.device, dict[str, str | None]] = {}  # available_impls per device, asked once
+_available: dict[torch.device, dict[str, str | None]] = {}  # available_impls per device, each impl asked once
 
 # Per-weight caches (dense copies, bitsandbytes' QuantState), keyed by the packed tensor's id and dropped
 # when that tensor is freed (tensors compare elementwise, so they cannot be dict keys themselves).
@@ -111,19 +111,20 @@ def unsupported_reason(impl: str, dtype: str, blocksize: int) -> str | None:
     return None
 
 
-def available_impls(device: torch.device | str = "cpu") -> dict[str, str | None]:
-    """impl -> None when it runs on `device`, else why not."""
+def available_impls(device: torch.device | str = "cpu", impls: tuple[str, ...] = IMPLS) -> dict[str, str | None]:
+    """impl -> None when it runs on `device`, else why not, for each of `impls`. Only "bnb" imports
+    bitsandbytes (seconds): leave it out when it is not wanted."""
     device = torch.device(device)
     kernel_reason = _kernel_unavailable_reason(device)
-    return {
+    reasons = {
         "simt": kernel_reason,
         "mma": kernel_reason or _mma_support_reason(),
         "gemv": kernel_reason,
         "dequant_blas": kernel_reason if device.type == "cuda" else None,
         "dense": None,
-        "bnb": _bnb_unavailable_reason(device),
         "reference": None,
     }
+    return {impl: _bnb_unavailable_reason(device) if impl == "bnb" else reasons[impl] for impl in impls}
 
 
 def dispatch_rule() -> dispatch.Rule:
@@ -150,9 +151,10 @@ def auto_impl(N: int, K: int, M: int, dtype: torch.dtype, device: torch.device |
     if not rule.covers(arch, name, quant_type):
         return default
     impl = rule.choose(N, K, M, name, arch, quant_type)
-    if device not in _available:
-        _available[device] = available_impls(device)
-    usable = _available[device].get(impl, "unknown impl") is None and unsupported_reason(impl, name, blocksize) is None
+    known = _available.setdefault(device, {})
+    if impl in IMPLS and impl not in known:  # one impl at a time: bnb's costs an import of bitsandbytes
+        known.update(available_impls(device, (impl,)))
+    usable = known.get(impl, "unknown impl") is None and unsupported_reason(impl, name, blocksize) is None
     return impl if usable else default
 
 

@@ -257,6 +257,17 @@ def _gaps(z: np.ndarray) -> list:
     return [[None if np.isnan(v) else float(v) for v in row] for row in z]
 
 
+def _grid(rows: pl.DataFrame, shapes: list[str], columns: list, column_of, cell) -> tuple[np.ndarray, ...]:
+    """A heatmap panel's z, text and hover [shape, column], filled row by row: `cell(row)` gives the three
+    at (the row's shape, `column_of(row)`); cells without a row stay NaN and ""."""
+    z = np.full((len(shapes), len(columns)), np.nan)
+    text, hover = np.full(z.shape, "", dtype=object), np.full(z.shape, "", dtype=object)
+    for row in rows.iter_rows(named=True):
+        i, j = shapes.index(row["shape"]), columns.index(column_of(row))
+        z[i, j], text[i, j], hover[i, j] = cell(row)
+    return z, text, hover
+
+
 def crossover_heatmap(crossovers: pl.DataFrame) -> go.Figure:
     """Crossover M* per shape (rows) and dtype (columns; one column per dtype and baseline when there are
     several baselines), a panel per device. The colour scale spans the finite M* found (log scale);
@@ -272,17 +283,16 @@ def crossover_heatmap(crossovers: pl.DataFrame) -> go.Figure:
               (crossovers["m_min_measured"].min(), crossovers["m_max_measured"].max()))
     lo, hi = (lo / 2, hi * 2) if lo == hi else (lo, hi)
     ticks = [t for t in log_ticks(lo, hi) if lo <= t <= hi] or [lo, hi]
+
+    def cell(row):
+        value = {"right": hi, "left": lo}.get(row["censored"], row["crossover_m"])
+        return math.log2(value), row["crossover_label"], (f"N={row['N']}, K={row['K']}<br>vs {row['impl_b']}<br>"
+                                                          f"crossings: {row['n_crossings']}<br>stable: {row['stable']}")
+
     fig = make_subplots(rows=1, cols=len(devices), shared_yaxes=True, subplot_titles=devices)
     for c, device in enumerate(devices, start=1):
-        z = np.full((len(shapes), len(keys)), np.nan)
-        text = np.full((len(shapes), len(keys)), "", dtype=object)
-        info = np.full((len(shapes), len(keys)), "", dtype=object)
-        for row in crossovers.filter(pl.col("device") == device).iter_rows(named=True):
-            i, j = shapes.index(row["shape"]), keys.index((row["impl_b"], row["quant_type"], row["dtype"]))
-            value = {"right": hi, "left": lo}.get(row["censored"], row["crossover_m"])
-            z[i, j], text[i, j] = math.log2(value), row["crossover_label"]
-            info[i, j] = (f"N={row['N']}, K={row['K']}<br>vs {row['impl_b']}<br>crossings: {row['n_crossings']}"
-                          f"<br>stable: {row['stable']}")
+        z, text, info = _grid(crossovers.filter(pl.col("device") == device), shapes, keys,
+                              lambda row: (row["impl_b"], row["quant_type"], row["dtype"]), cell)
         fig.add_trace(go.Heatmap(z=_gaps(z), x=columns, y=shapes, text=text, texttemplate="%{text}", customdata=info,
                                  zmin=math.log2(lo), zmax=math.log2(hi), colorscale="Viridis",
                                  showscale=c == 1, colorbar={"title": "M*", "tickvals": np.log2(ticks),
@@ -408,10 +418,8 @@ def device_ratio(comparison: pl.DataFrame) -> go.Figure:
     ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10) if abs(math.log2(t)) <= reach] or [1]
     fig = make_subplots(rows=1, cols=len(dtypes), shared_yaxes=True, subplot_titles=dtypes)
     for c, dtype in enumerate(dtypes, start=1):
-        part = comparison.filter(pl.col("dtype") == dtype)
-        ratio = np.full((len(shapes), len(ms)), np.nan)
-        for row in part.iter_rows(named=True):
-            ratio[shapes.index(row["shape"]), ms.index(row["M"])] = row["ratio"]
+        ratio, _, _ = _grid(comparison.filter(pl.col("dtype") == dtype), shapes, ms, lambda row: row["M"],
+                            lambda row: (row["ratio"], "", ""))
         fig.add_trace(go.Heatmap(z=_gaps(np.log2(ratio)), x=[str(m) for m in ms], y=shapes, text=np.round(ratio, 2),
                                  texttemplate="%{text}", textfont={"size": 8}, zmid=0, zmin=-reach, zmax=reach, colorscale="RdBu_r",
                                  showscale=c == 1, colorbar={"title": "B / A", "tickvals": np.log2(ticks),
@@ -433,20 +441,17 @@ def dispatch_regret(regrets: pl.DataFrame, dtype: str, title: str = "") -> go.Fi
     regret (time of the chosen impl / the best one, 2x and more in the darkest red); a cell where the rule
     missed reads its regret, and hovering any cell names both impls with their times."""
     rows = _nonempty(regrets.filter(pl.col("dtype") == dtype), "dispatch regret", f"no points for dtype {dtype!r}")
-    devices = _devices(rows)
-    shapes = rows.select("shape", "N", "K").unique().sort("N", "K", "shape")["shape"].to_list()
-    ms = sorted(rows["M"].unique().to_list())
+    devices, shapes, ms = _devices(rows), _shapes_by_size(rows), sorted(rows["M"].unique().to_list())
+
+    def cell(r):
+        regret = r["regret"] if r["regret"] is not None else np.nan
+        missed = "" if r["chosen"] == r["best"] or r["regret"] is None else f"{regret:.2f}"
+        return regret, missed, (f"chosen {r['chosen']}: {r['time_chosen_us'] or float('nan'):.4g} µs<br>"
+                                f"best {r['best']}: {r['time_best_us']:.4g} µs<br>regret {regret:.3f}×")
+
     fig = make_subplots(rows=1, cols=len(devices), shared_yaxes=True, subplot_titles=devices)
     for c, device in enumerate(devices, start=1):
-        z = np.full((len(shapes), len(ms)), np.nan)
-        text = np.full((len(shapes), len(ms)), "", dtype=object)
-        hover = np.full((len(shapes), len(ms)), "", dtype=object)
-        for r in rows.filter(pl.col("device") == device).iter_rows(named=True):
-            i, j = shapes.index(r["shape"]), ms.index(r["M"])
-            z[i, j] = r["regret"] if r["regret"] is not None else np.nan
-            text[i, j] = "" if r["chosen"] == r["best"] or r["regret"] is None else f"{r['regret']:.2f}"
-            hover[i, j] = (f"chosen {r['chosen']}: {r['time_chosen_us'] or float('nan'):.4g} µs<br>"
-                           f"best {r['best']}: {r['time_best_us']:.4g} µs<br>regret {z[i, j]:.3f}×")
+        z, text, hover = _grid(rows.filter(pl.col("device") == device), shapes, ms, lambda r: r["M"], cell)
         fig.add_trace(go.Heatmap(z=z, x=[str(m) for m in ms], y=shapes, text=text, customdata=hover,
                                  texttemplate="%{text}", textfont={"size": 8}, zmin=1.0, zmax=2.0,
                                  colorscale="Reds", showscale=c == 1, colorbar={"title": "regret"},

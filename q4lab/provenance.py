@@ -1,4 +1,5 @@
-"""Which kernels measured each dataset, and whether today's kernels/ are still those.
+"""Which kernels measured each dataset, and whether today's kernels/ are still those; what a row measured
+now records (`current_kernel_hash`, `current_git_commit`).
 
 Every row records `kernel_hash` (kernels.source_hash of the sources its library was built from) and the
 `git_commit` it was measured at. Data stays valid whatever today's kernels are (the tests check that the
@@ -8,6 +9,8 @@ show a banner when the kernels have changed since, so a kernel edit never waits 
 from __future__ import annotations
 
 import html
+import os
+import subprocess
 from pathlib import Path
 
 import polars as pl
@@ -17,6 +20,32 @@ REFRESH = {"grid": "q4lab sweep grid --preset shipped --gpus all", "nsweep": "q4
 REFRESH_OTHER = "q4lab sweep ..."
 # kernel_hash values that name no kernel build: CPU-only impls (""), model numbers (q4lab.synthetic)
 NO_KERNELS = ("", "synthetic")
+
+
+def current_git_commit() -> str:
+    """The commit a row measured now records: the environment's Q4LAB_GIT_COMMIT when set (a copy of the
+    tree on a GPU machine may carry a stale .git whose HEAD is not what was sent), else HEAD of the checkout
+    q4lab runs from, "-dirty" when tracked files differ, else "unknown"."""
+    if os.environ.get("Q4LAB_GIT_COMMIT"):
+        return os.environ["Q4LAB_GIT_COMMIT"]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
+def current_kernel_hash() -> str:
+    """The kernel_hash a row measured now records: today's kernels/, "" where there is none to hash."""
+    from q4lab import kernels
+
+    try:
+        return kernels.source_hash()
+    except kernels.KernelError:
+        return ""
 
 
 def kernel_versions(files: list[Path]) -> pl.DataFrame:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import socket
-import subprocess
 import tempfile
 import threading
 import uuid
@@ -39,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 import q4lab
-from q4lab import bench, formats, kernels, launch, ops, writer_lock
+from q4lab import bench, formats, launch, ops, provenance, writer_lock
 from q4lab.checks import CHECK_TOLERANCE, CheckedRows, check_error
 from q4lab.runlog import (IDENTITY, Point, PointLog, RawLog, SweepError, check_identity, finished_rows,
                           log_identity, point_logs)
@@ -235,33 +233,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _git_commit() -> str:
-    """The environment's Q4LAB_GIT_COMMIT when set (a copy of the tree on a GPU machine may carry a stale
-    .git whose HEAD is not what was sent), else HEAD of the checkout q4lab runs from, "-dirty" when
-    tracked files differ, else "unknown"."""
-    if os.environ.get("Q4LAB_GIT_COMMIT"):
-        return os.environ["Q4LAB_GIT_COMMIT"]
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
-
-
-def _kernel_hash() -> str:
-    try:
-        return kernels.source_hash()
-    except kernels.KernelError:
-        return ""
-
-
 def identity(device: torch.device) -> dict:
     facts = bench.device_facts(device)
     return {k: facts[k] for k in IDENTITY if k in facts} | {"q4lab_version": q4lab.__version__,
-                                                            "kernel_hash": _kernel_hash(),
+                                                            "kernel_hash": provenance.current_kernel_hash(),
                                                             "host": socket.gethostname()}
 
 
@@ -293,7 +268,7 @@ def run_plan(plan: Plan, device, log, rounds, tol, max_remeasure, progress, part
         index, parts = part
         chunks = tuple(chunks[i] for i in split_chunks([_chunk_cost(plan, c) for c in chunks], parts)[index])
     max_attempts = 1 + max_remeasure
-    reasons = ops.available_impls(device)
+    reasons = ops.available_impls(device, tuple(dict.fromkeys(base_impl(i) for i in plan.impls)))
     impls = tuple(i for i in plan.impls if reasons[base_impl(i)] is None)
     if not impls:  # fail before the log exists: a sweep that can measure nothing leaves nothing behind
         why = "; ".join(f"{i}: {reasons[base_impl(i)]}" for i in plan.impls)
@@ -302,7 +277,7 @@ def run_plan(plan: Plan, device, log, rounds, tol, max_remeasure, progress, part
     with _opened_log(log) as raw:
         ident = identity(device)
         check_identity(log_identity(raw.records, raw.path), ident, raw.path)
-        run = {"kind": "run", "run_id": uuid.uuid4().hex[:12], "identity": ident, "git_commit": _git_commit(),
+        run = {"kind": "run", "run_id": uuid.uuid4().hex[:12], "identity": ident, "git_commit": provenance.current_git_commit(),
                "started": _now(), "device_gbps": None, "launch_us": None}
 
         plogs = point_logs(raw.records)

@@ -1,11 +1,14 @@
 """The command line a new user meets: help with examples, help on every flag, one name for one flag across
-subcommands, `q4lab shapes`, and a sweep that can measure nothing failing without writing anything."""
+subcommands, `q4lab shapes`, a sweep that can measure nothing failing without writing anything, and OS
+errors as one line naming the path and the fix."""
 import argparse
+import errno
 import importlib
 
 import pytest
 
 from q4lab import cli, shapes
+from q4lab.synthetic import synthetic_dataset
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -72,3 +75,32 @@ def test_a_sweep_that_can_measure_nothing_fails_and_writes_nothing(tmp_path, cap
     err = capsys.readouterr().err
     assert "nothing to measure on cpu" in err and "simt: needs a GPU" in err and "--impls dense" in err
     assert not out.exists() and not out.with_suffix(".jsonl").exists()
+
+
+def test_a_folder_where_a_file_goes_is_one_line_naming_it(tmp_path, capsys):
+    data, folder = tmp_path / "data.parquet", tmp_path / "rule.json"
+    synthetic_dataset().write_parquet(data)
+    folder.mkdir()
+    assert cli.main(["dispatch", "fit", str(data), "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("q4lab dispatch: error: Is a directory: ") and f"-> {folder};" in err
+    assert err.rstrip().endswith("give a file path")
+
+
+@pytest.mark.parametrize("error,line", [
+    (PermissionError(errno.EACCES, "Permission denied", "/data/x.parquet"),
+     "Permission denied: /data/x.parquet; check its permissions, or give a path you can write to"),
+    (OSError(errno.ENOSPC, "No space left on device", "runs/x.jsonl"),
+     "No space left on device: runs/x.jsonl; the disk is full: free some space, or write somewhere else"),
+    (OSError(errno.EIO, "Input/output error", "/mnt/usb/x.parquet"),
+     "Input/output error: /mnt/usb/x.parquet; check the path, its permissions and the free disk space"),
+    (ConnectionRefusedError("the Ray head at 10.0.0.1:6379 refused"), "the Ray head at 10.0.0.1:6379 refused"),
+])
+def test_os_errors_are_one_line_with_the_fix(monkeypatch, capsys, error, line):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(shapes, "shapes_command", fail)
+    assert cli.main(["shapes"]) == 2
+    assert capsys.readouterr().err == f"q4lab shapes: error: {line}\n"

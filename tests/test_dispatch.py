@@ -154,7 +154,7 @@ def test_the_shipped_rule_is_the_fit_of_the_shipped_data():
 def test_auto_follows_the_shipped_rule_where_its_impls_run(monkeypatch):
     shipped = dispatch.load_rule()
     monkeypatch.setattr(ops, "_available", {})
-    monkeypatch.setattr(ops, "available_impls", lambda device: {impl: None for impl in ops.IMPLS})
+    monkeypatch.setattr(ops, "available_impls", lambda device, impls: dict.fromkeys(impls))
     monkeypatch.setattr(ops, "device_arch", lambda device: "sm_90")
     monkeypatch.delenv("Q4LAB_DISPATCH", raising=False)
     chosen = set()
@@ -170,22 +170,22 @@ def test_auto_follows_the_shipped_rule_where_its_impls_run(monkeypatch):
 def test_auto_falls_back_to_the_defaults_without_a_rule_or_an_impl(monkeypatch, tmp_path):
     monkeypatch.setattr(ops, "_available", {})
     monkeypatch.setattr(ops, "device_arch", lambda device: "sm_80")  # an arch the shipped rule lacks
-    monkeypatch.setattr(ops, "available_impls", lambda device: {impl: None for impl in ops.IMPLS})
+    monkeypatch.setattr(ops, "available_impls", lambda device, impls: dict.fromkeys(impls))
     limit = ops.AUTO_SIMT_MAX_M["fp16"]
     assert ops.auto_impl(4096, 4096, limit, torch.float16, "cuda") == "simt"
     assert ops.auto_impl(4096, 4096, limit + 1, torch.float16, "cuda") == "dequant_blas"
     # a rule picking an impl the device cannot run (a tensor-core impl on AMD): the defaults again
     monkeypatch.setattr(ops, "_available", {})
-    monkeypatch.setattr(ops, "available_impls",
-                        lambda device: {impl: "needs an NVIDIA GPU" if impl == "mma" else None for impl in ops.IMPLS})
+    monkeypatch.setattr(ops, "available_impls", lambda device, impls: {
+        impl: "needs an NVIDIA GPU" if impl == "mma" else None for impl in impls})
     monkeypatch.setenv("Q4LAB_DISPATCH", str(_write_rule(tmp_path, "sm_80", [[None, "mma"]], ["mma"])))
     assert ops.auto_impl(4096, 4096, 1, torch.float16, "cuda") == "simt"
     monkeypatch.setattr(ops, "_available", {})
-    monkeypatch.setattr(ops, "available_impls", lambda device: {"mma": "needs an NVIDIA GPU"})
+    monkeypatch.setattr(ops, "available_impls", lambda device, impls: {"mma": "needs an NVIDIA GPU"})
     assert ops.auto_impl(4096, 4096, limit + 1, torch.float16, "cuda") == "dequant_blas"
     # ... or one that runs here but cannot take this weight (mma needs blocksize >= 64)
     monkeypatch.setattr(ops, "_available", {})
-    monkeypatch.setattr(ops, "available_impls", lambda device: {impl: None for impl in ops.IMPLS})
+    monkeypatch.setattr(ops, "available_impls", lambda device, impls: dict.fromkeys(impls))
     assert ops.auto_impl(4096, 4096, 1, torch.float16, "cuda", blocksize=64) == "mma"
     assert ops.auto_impl(4096, 4096, 1, torch.float16, "cuda", blocksize=32) == "simt"
 
@@ -193,7 +193,7 @@ def test_auto_falls_back_to_the_defaults_without_a_rule_or_an_impl(monkeypatch, 
 def test_q4lab_dispatch_overrides_the_shipped_rule_in_gemm_4bit(monkeypatch, tmp_path):
     """On the CPU, a rule for this machine's arch that picks reference to M=2 and dense above: auto's output
     is bit for bit the output of the impl the rule names."""
-    monkeypatch.setattr(ops, "_available", {torch.device("cpu"): {"reference": None, "dense": None}})  # skip bnb's import
+    monkeypatch.setattr(ops, "_available", {})
     path = _write_rule(tmp_path, ops.device_arch(torch.device("cpu")), [[2, "reference"], [None, "dense"]],
                        ["reference", "dense"])
     torch.manual_seed(0)

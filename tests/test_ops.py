@@ -93,6 +93,7 @@ def test_available_impls_on_the_cpu_say_why_not():
     assert set(avail) == set(ops.IMPLS)
     assert avail["dense"] is None and avail["dequant_blas"] is None and avail["reference"] is None
     assert "GPU" in avail["simt"] and "GPU" in avail["gemv"]
+    assert ops.available_impls("cpu", ("dense", "simt")) == {"dense": None, "simt": avail["simt"]}
 
 
 @pytest.mark.parametrize("call,message", [

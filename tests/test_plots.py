@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import polars as pl
 import pytest
 
-from q4lab import analysis, notebook_io, plots, tables
+from q4lab import analysis, dispatch, notebook_io, plots, tables
 from q4lab.synthetic import (DEVICES, PLANTED_FLOORS, PLANTED_UNSTABLE, PLANTED_WAVE_TAILS, SHAPES,
                              synthetic_dataset)
 
@@ -185,3 +185,19 @@ def test_heatmap_gaps_are_json_nulls_a_widget_can_send(df):
 def test_crossover_heatmap_names_the_quant_type_when_the_data_holds_two(df):
     crossovers = analysis.crossovers(pl.concat([df, df.with_columns(pl.lit("fp4").alias("quant_type"))]))
     assert list(plots.crossover_heatmap(crossovers).data[0].x) == ["bf16<br>fp4", "fp16<br>fp4", "bf16<br>nf4", "fp16<br>nf4"]
+
+
+def test_dispatch_regret_reads_the_regret_only_where_the_rule_missed(df):
+    held = dispatch.held_out(df, "per_dtype", "family").filter(pl.col("dtype") == "fp16")
+    fig = plots.dispatch_regret(held, "fp16")
+    assert _titles(fig) == NAMES
+    missed = 0
+    for heat, device in zip(fig.data, NAMES):
+        cells = {(shape, m): (z, text) for shape, zs, texts in zip(heat.y, heat.z, heat.text)
+                 for m, z, text in zip(heat.x, zs, texts)}
+        for r in held.filter(pl.col("device") == device).iter_rows(named=True):
+            z, text = cells[(r["shape"], str(r["M"]))]
+            assert z == pytest.approx(r["regret"])
+            assert text == ("" if r["chosen"] == r["best"] else f"{r['regret']:.2f}")
+            missed += text != ""
+    assert missed > 0

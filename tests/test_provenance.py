@@ -1,12 +1,17 @@
 """Kernel versions: the hash covers what the compiler reads (a comment edit keeps it, a code edit changes
-it), a dataset of other kernels is named with its version and flagged stale, never refused."""
+it), a dataset of other kernels is named with its version and flagged stale, never refused; the commit a
+new row records."""
 import shutil
+import subprocess
+from pathlib import Path
 
 import polars as pl
 import pytest
 
 from q4lab import kernels, provenance
 from q4lab.synthetic import synthetic_dataset
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -62,3 +67,18 @@ def test_data_of_other_kernels_is_named_and_flagged_stale(tmp_path):
     page = provenance.versions_html(lines)
     assert page.index("Stale data") < page.index("old.parquet") < page.index("Kernel versions") < page.index("new.parquet")
     assert provenance.versions_html([(t, s) for t, s in lines if not s]).count("Stale data") == 0
+
+
+def test_git_commit_comes_from_the_environment_first_then_the_checkout(monkeypatch):
+    monkeypatch.setenv("Q4LAB_GIT_COMMIT", "0123abc")
+    assert provenance.current_git_commit() == "0123abc"  # wins over a checkout's (possibly stale) HEAD
+    monkeypatch.delenv("Q4LAB_GIT_COMMIT")
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # in a checkout
+        assert provenance.current_git_commit().split("-")[0] == head.stdout.strip()
+
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, args[0])
+
+    monkeypatch.setattr(provenance.subprocess, "run", no_git)
+    assert provenance.current_git_commit() == "unknown"

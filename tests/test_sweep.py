@@ -2,6 +2,7 @@
 an interruption or a kill with nothing lost or taken twice, the reference check, identities that never
 mix, bad input, the multi-GPU split, the command line, and the shipped datasets."""
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -13,8 +14,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
-from q4lab import bench, dataset, ops, runlog, sweep, sweep_cli
+from q4lab import bench, dataset, dispatch, ops, runlog, sweep, sweep_cli
 from q4lab.shapes import Shape
 
 REPO = Path(__file__).resolve().parent.parent
@@ -212,6 +214,34 @@ def test_killed_sweep_resumes_with_nothing_lost_or_taken_twice(tmp_path):
     assert len(runs) == 2
 
 
+NO_BNB_WORKER = """
+import sys
+import torch
+from q4lab import bench, formats, ops, sweep
+from q4lab.shapes import Shape
+real = bench.time_call
+bench.time_call = lambda call, **kw: real(call, **kw | dict(budget_s=0.005))
+sweep.run_grid([Shape(*eval(sys.argv[1]))], [1], ["fp32"], ["dense"], rounds=1, tol=1.0, progress=False)
+ops.gemm_4bit(torch.randn(1, 128), formats.quantize(torch.randn(8, 128), "nf4", 64, False), impl="auto")
+print("before bnb:", "bitsandbytes" in sys.modules)
+ops.available_impls("cpu", ("bnb",))
+print("after bnb:", "bitsandbytes" in sys.modules)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="nothing could import it")
+def test_only_impl_bnb_imports_bitsandbytes(tmp_path):
+    """Importing bitsandbytes takes seconds: a sweep, and auto (here a rule for this CPU that picks dense),
+    do it only when they ask for impl bnb."""
+    rule = tmp_path / "rule.json"
+    arch = ops.device_arch(torch.device("cpu"))
+    rule.write_text(dispatch.Rule("per_dtype", ["dense"], {(arch, "*", "*"): {"steps": [[None, "dense"]]}}).to_json())
+    done = subprocess.run([sys.executable, "-c", NO_BNB_WORKER, repr(tuple(TINY[0]))], cwd=REPO, timeout=120,
+                          env=os.environ | {"Q4LAB_DISPATCH": str(rule)}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["before bnb: False", "after bnb: True"]
+
+
 # --- the reference check -------------------------------------------------------------------------------
 
 def test_a_wrong_or_failing_impl_is_an_error_row_and_not_timed(tmp_path, monkeypatch, quick_clock):
@@ -248,21 +278,6 @@ def test_correct_impls_pass_the_check_for_every_format(tmp_path, fake_clock, qua
     assert frame.height == 2 * 3 * 3 and (frame["nested"] == nested).all()
     checks = [r for r in log_records(tmp_path / "l.jsonl") if r["kind"] == "check"]
     assert len(checks) == frame.height and max(r["error"] for r in checks) < 1e-2
-
-
-def test_git_commit_comes_from_the_environment_first_then_the_checkout(monkeypatch):
-    monkeypatch.setenv("Q4LAB_GIT_COMMIT", "0123abc")
-    assert sweep._git_commit() == "0123abc"  # wins over a checkout's (possibly stale) HEAD
-    monkeypatch.delenv("Q4LAB_GIT_COMMIT")
-    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True)
-    if head.returncode == 0:  # in a checkout
-        assert sweep._git_commit().split("-")[0] == head.stdout.strip()
-
-    def no_git(*args, **kwargs):
-        raise subprocess.CalledProcessError(128, args[0])
-
-    monkeypatch.setattr(sweep.subprocess, "run", no_git)
-    assert sweep._git_commit() == "unknown"
 
 
 # --- identities ----------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import polars as pl
 import pytest
 
-from q4lab import analysis, bench, ops, plots, runlog, tables, widgets
+from q4lab import analysis, bench, plots, runlog, tables, widgets
 from q4lab.synthetic import DEVICES, synthetic_dataset
 
 H100 = DEVICES["H100"]["device"]
@@ -214,7 +214,6 @@ def _live_prober(monkeypatch, tmp_path, timer: FakeTimer) -> widgets.ShapeProber
     monkeypatch.setattr(bench, "time_call", timer)
     monkeypatch.setattr(bench, "device_gbps", lambda device: 100.0)
     monkeypatch.setattr(bench, "launch_us", lambda device: 5.0)
-    monkeypatch.setattr(ops, "_bnb_unavailable_reason", lambda device: "not imported here (it takes seconds)")
     prober = widgets.ShapeProber(None, live=True, N=256, K=128, impls=["dense"], log_dir=tmp_path, device="cpu")
     timer.prober = prober
     timer.prober_ready.set()
