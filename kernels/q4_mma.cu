@@ -46,9 +46,13 @@ __host__ __device__ constexpr int q4_mma_row_tiles(int mt8) { return mt8 == 2 ||
 // latencies want the warps), else 8.
 __host__ __device__ constexpr int q4_mma_warps(int mt8) { return mt8 == 1 ? 16 : 8; }
 __host__ __device__ constexpr int q4_mma_stage_tiles(int mt8) { return 64 / q4_mma_warps(mt8) / q4_mma_row_tiles(mt8); }
-// Dynamic shared memory of one block, the same for every instance: 4 stages of 1024 rows of 32 weight bytes
-// and an absmax word, split among the warps.
-__host__ __device__ constexpr int q4_mma_ring_bytes() { return Q4_MMA_STAGES * 1024 * (32 + 4); }
+// A ring row: U K tiles of one weight row, padded by 32 bytes so that the 8 rows a quarter-warp reads lie
+// in distinct banks.
+__host__ __device__ constexpr int q4_mma_row_bytes(int mt8) { return 32 * q4_mma_stage_tiles(mt8) + 32; }
+// Dynamic shared memory of one block: per warp and stage, its item's rows of weights and of absmax words.
+__host__ __device__ constexpr int q4_mma_ring_bytes(int mt8) {
+  return Q4_MMA_STAGES * q4_mma_warps(mt8) * 16 * q4_mma_row_tiles(mt8) * (q4_mma_row_bytes(mt8) + 4 * q4_mma_stage_tiles(mt8));
+}
 
 #if defined(Q4_NVIDIA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define Q4_MMA_DEVICE 1
@@ -109,7 +113,7 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
 #if defined(Q4_MMA_DEVICE)
   constexpr int WARPS = q4_mma_warps(MT8), THREADS = WARPS * 32, R = q4_mma_row_tiles(MT8);
   constexpr int U = q4_mma_stage_tiles(MT8), ST = Q4_MMA_STAGES, ROWS = 16 * R, COLS = 8 * MT8;
-  static_assert(THREADS % 256 == 0 && U * R * WARPS == 64, "table fill: whole byte values a thread; ring: 1024 rows");
+  static_assert(THREADS % 256 == 0 && U * R * WARPS == 64, "table fill: whole byte values a thread; ring: 64 tile rows a stage");
   __shared__ uint32_t pair_table[256 * 32];  // [byte][lane]: the pair {code[byte >> 4], code[byte & 15]}
   __shared__ float nested_code[NESTED ? 256 : 1];
   extern __shared__ __align__(16) uint8_t q4_mma_ring[];
@@ -123,8 +127,9 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
   auto start_of = [&](int x) { return (int)((long)T * x / W); };              // first pair of warp x
   auto warp_of = [&](int i) { return (int)(((long)(i + 1) * W + T - 1) / T) - 1; };  // warp holding pair i
   const int begin = v < W ? start_of(v) : T, end = v < W ? start_of(v + 1) : T;
-  uint8_t* wring = q4_mma_ring + warp * ST * U * ROWS * 32;  // [stage][tile][ROWS rows][32 bytes]
-  uint32_t* sring = reinterpret_cast<uint32_t*>(q4_mma_ring + WARPS * ST * U * ROWS * 32) + warp * ST * U * ROWS;
+  constexpr int ROW_BYTES = q4_mma_row_bytes(MT8);
+  uint8_t* wring = q4_mma_ring + warp * ST * ROWS * ROW_BYTES;  // [stage][row][U tiles of 32 bytes, padding]
+  uint32_t* sring = reinterpret_cast<uint32_t*>(q4_mma_ring + WARPS * ST * ROWS * ROW_BYTES) + warp * ST * ROWS * U;
 
   // A place in the share: item (row item rt, batch item ct) and K tile kt, walked forward without divisions.
   struct Pos { int rt, ct, kt; };
@@ -139,7 +144,7 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
 
   // Copy roles, per stage of U pairs (U * 32 bytes of each of ROWS rows, contiguous while the stage stays in
   // one item): in copy c lane l fetches 16 bytes at offset 16 * (l % (2U)) of row c * 32 / (2U) + l / (2U),
-  // stored tile-major so the decoding lanes read as if per tile. Absmax: ROWS x U words a stage, lane l
+  // stored as fetched, a ring row per weight row. Absmax: ROWS x U words a stage, lane l
   // taking tile l % U of row l / U (+ 32 / U per copy). Rows past N read row N-1 (in bounds) and are
   // dropped at the store; so are batch rows past M. Nested absmax copies the aligned word that holds the
   // 8-bit code.
@@ -154,7 +159,7 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
 #pragma unroll
       for (int c = 0; c < ROWS / ROWS_A_COPY; ++c) {
         const int r = c * ROWS_A_COPY + lane / LANES_A_ROW;
-        q4_cp_async16(wring + ((slot * U + copy_tile) * ROWS + r) * 32 + 16 * copy_half,
+        q4_cp_async16(wring + (slot * ROWS + r) * ROW_BYTES + 32 * copy_tile + 16 * copy_half,
                       w.packed + (row_of(p, r) * (uint32_t)(K / 2) + column));
       }
     }
@@ -167,7 +172,7 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
         const uint32_t b = row_of(p, r) * (uint32_t)row_blocks + block;
         const void* src = NESTED ? static_cast<const void*>(static_cast<const uint8_t*>(w.absmax) + (b & ~3u))
                                  : static_cast<const void*>(static_cast<const float*>(w.absmax) + b);
-        q4_cp_async4(sring + (slot * U + scale_tile) * ROWS + r, src);
+        q4_cp_async4(sring + (slot * ROWS + r) * U + scale_tile, src);
       }
     }
     q4_cp_async_commit();  // an empty group past the end keeps the wait count uniform
@@ -219,8 +224,8 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
   };
 
   auto consume = [&](int slot, int u, const Pos& p) {
-    const uint8_t* wt = wring + (slot * U + u) * ROWS * 32;
-    const uint32_t* st = sring + (slot * U + u) * ROWS;
+    const uint8_t* wt = wring + slot * ROWS * ROW_BYTES + 32 * u;
+    const uint32_t* st = sring + slot * ROWS * U + u;
     uint4 act[2][MT8];  // chunk h feeds steps 2h, 2h+1
 #pragma unroll
     for (int j = 0; j < MT8; ++j) {
@@ -232,9 +237,9 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
 #pragma unroll
     for (int ri = 0; ri < R; ++ri) {
       const int r = 16 * ri + g;
-      const uint2 cw = *reinterpret_cast<const uint2*>(wt + r * 32 + 8 * t);
-      const uint2 cw8 = *reinterpret_cast<const uint2*>(wt + (r + 8) * 32 + 8 * t);
-      const float scale = scale_of(st[r], p, r), scale8 = scale_of(st[r + 8], p, r + 8);
+      const uint2 cw = *reinterpret_cast<const uint2*>(wt + r * ROW_BYTES + 8 * t);
+      const uint2 cw8 = *reinterpret_cast<const uint2*>(wt + (r + 8) * ROW_BYTES + 8 * t);
+      const float scale = scale_of(st[r * U], p, r), scale8 = scale_of(st[(r + 8) * U], p, r + 8);
       float part[MT8][4];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -355,8 +360,8 @@ static int q4_mma_residency(q4_mma_kernel_t kernel, int mt8) {
   int n = 0;
 #if defined(Q4_NVIDIA)
   const void* entry = reinterpret_cast<const void*>(kernel);
-  if (cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize, q4_mma_ring_bytes()) != q4_success ||
-      q4_occupancy(&n, entry, q4_mma_warps(mt8) * 32, q4_mma_ring_bytes()) != q4_success)
+  if (cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize, q4_mma_ring_bytes(mt8)) != q4_success ||
+      q4_occupancy(&n, entry, q4_mma_warps(mt8) * 32, q4_mma_ring_bytes(mt8)) != q4_success)
     return 0;
 #endif
   return n;
@@ -416,16 +421,17 @@ int q4_mma_gemm(int dtype, int nested, const void* A, const uint8_t* packed, con
                 const float* nested_absmax, const float* nested_code, float nested_offset, const float* code,
                 const void* bias, void* out, int M, int N, int K, int blocksize, int blocks, float* workspace,
                 int* tickets, void* stream) {
-  if (dtype == Q4_F32 || blocksize < 64 || K % 64 != 0 || blocks < 1 || workspace == nullptr || tickets == nullptr)
+  if (dtype == Q4_F32 || blocksize < 64 || K % 64 != 0 || blocks < 1 || workspace == nullptr || tickets == nullptr ||
+      (long)N * K / 2 >= (1L << 32) || (long)M * K >= (1L << 32))  // the kernel's 32-bit offsets
     return (int)q4_invalid_value;
   Q4Weights w{packed, absmax, nested_absmax, nested_code, nested_offset, code, N, K, __builtin_ctz(blocksize)};
   const q4_mma_kernel_t kernel = q4_mma_instance_all(dtype, nested != 0, q4_mma_tiles8(M));
 #if defined(Q4_NVIDIA)
   // The ring exceeds the 48 KB a launch gets without asking (per device: asked on every launch).
   cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       q4_mma_ring_bytes());
+                       q4_mma_ring_bytes(q4_mma_tiles8(M)));
 #endif
-  kernel<<<blocks, q4_mma_warps(q4_mma_tiles8(M)) * 32, q4_mma_ring_bytes(), static_cast<q4_stream_t>(stream)>>>(
+  kernel<<<blocks, q4_mma_warps(q4_mma_tiles8(M)) * 32, q4_mma_ring_bytes(q4_mma_tiles8(M)), static_cast<q4_stream_t>(stream)>>>(
       A, w, bias, out, M, workspace, tickets);
   return (int)q4_get_last_error();
 }
