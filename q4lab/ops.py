@@ -99,8 +99,9 @@ def _mma_support_reason() -> str | None:
             "that has never run on a card is not offered")
 
 
-def unsupported_reason(impl: str, dtype: str, blocksize: int) -> str | None:
-    """Why `impl` cannot take this activation dtype / blocksize on any device, or None."""
+def unsupported_reason(impl: str, dtype: str, blocksize: int, shape: tuple[int, int, int] | None = None) -> str | None:
+    """Why `impl` cannot take this activation dtype / blocksize (and, given, this (N, K, M)) on any device,
+    or None."""
     if impl != "mma":
         return None
     if dtype == "fp32":
@@ -108,6 +109,10 @@ def unsupported_reason(impl: str, dtype: str, blocksize: int) -> str | None:
     if blocksize < 64:
         return (f"impl 'mma' needs blocksize >= 64 (one absmax block a 64-weight tile), this weight has "
                 f"{blocksize}: use 'simt'")
+    if shape is not None and (shape[0] * shape[1] // 2 >= 1 << 32 or shape[2] * shape[1] >= 1 << 32):
+        N, K, M = shape
+        return (f"impl 'mma' addresses with 32-bit offsets, and N*K/2 = {N * K // 2} weight bytes or M*K = "
+                f"{M * K} activations reach 2^32: split the batch, or use 'dequant_blas'")
     return None
 
 
@@ -154,7 +159,7 @@ def auto_impl(N: int, K: int, M: int, dtype: torch.dtype, device: torch.device |
     known = _available.setdefault(device, {})
     if impl in IMPLS and impl not in known:  # one impl at a time: bnb's costs an import of bitsandbytes
         known.update(available_impls(device, (impl,)))
-    usable = known.get(impl, "unknown impl") is None and unsupported_reason(impl, name, blocksize) is None
+    usable = known.get(impl, "unknown impl") is None and unsupported_reason(impl, name, blocksize, (N, K, M)) is None
     return impl if usable else default
 
 
@@ -287,7 +292,7 @@ def mma_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *, 
     the library pick, as gemm_4bit(impl="mma") does). Few blocks make every warp cross many items, many
     make many warps share each item's K: both paths of the kernel's reduction."""
     _check(A, w, bias, "mma")
-    reason = unsupported_reason("mma", _DTYPE_NAME[A.dtype], w.blocksize)
+    reason = unsupported_reason("mma", _DTYPE_NAME[A.dtype], w.blocksize, (w.N, w.K, A.numel() // w.K))
     if reason:
         raise ValueError(reason)
     if blocks < 0:
@@ -365,8 +370,8 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
     if impl == "auto":
         impl = auto_impl(w.N, w.K, M, A2.dtype, A2.device, w.quant_type, w.blocksize)
     if impl == "mma":
-        reason = (unsupported_reason(impl, _DTYPE_NAME[A2.dtype], w.blocksize) or _kernel_unavailable_reason(A2.device)
-                  or _mma_support_reason())
+        reason = (unsupported_reason(impl, _DTYPE_NAME[A2.dtype], w.blocksize, (w.N, w.K, M))
+                  or _kernel_unavailable_reason(A2.device) or _mma_support_reason())
         if reason:
             raise kernels.KernelError(f"impl 'mma' is unavailable: {reason}")
     if impl in _KERNEL_IMPL or (impl == "dequant_blas" and A2.is_cuda):

@@ -11,10 +11,14 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or ops.available_im
                                reason="needs an NVIDIA GPU of sm_80 or later (the mma kernel runs nowhere else)")
 
 
-def test_mma_refuses_fp32_and_small_blocks_with_the_way_out():
+def test_mma_refuses_fp32_small_blocks_and_shapes_past_its_offsets_with_the_way_out():
     assert "simt" in ops.unsupported_reason("mma", "fp32", 64)
     assert "blocksize >= 64" in ops.unsupported_reason("mma", "bf16", 32)
     assert ops.unsupported_reason("mma", "bf16", 64) is None and ops.unsupported_reason("mma", "fp16", 4096) is None
+    # the kernel's 32-bit offsets: a 256000 x 16384 lm_head fits, 2^32 weight bytes or activations do not
+    assert ops.unsupported_reason("mma", "bf16", 64, (256000, 16384, 64)) is None
+    assert "dequant_blas" in ops.unsupported_reason("mma", "bf16", 64, (1 << 20, 1 << 13, 1))
+    assert "split the batch" in ops.unsupported_reason("mma", "bf16", 64, (4096, 1 << 15, 1 << 17))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -48,3 +52,18 @@ def test_mma_matches_float64_with_every_grid_and_leaves_the_tickets_at_zero(dnam
                 ops.mma_gemm(A, w, bias, blocks=blocks, out=out)
                 error = checks.check_error(out, want)
                 assert error <= checks.CHECK_TOLERANCE[dname], f"{qt} nested={nested} N={N} K={K} M={M}: {error:.2e}"
+
+
+def test_auto_leaves_mma_for_the_defaults_past_its_offsets(monkeypatch):
+    class PicksMma:
+        def covers(self, arch, dtype, quant_type):
+            return True
+
+        def choose(self, N, K, M, dtype, arch, quant_type):
+            return "mma"
+
+    monkeypatch.setattr(ops, "dispatch_rule", PicksMma)
+    monkeypatch.setattr(ops, "device_arch", lambda device: "sm_90")
+    monkeypatch.setitem(ops._available, torch.device("cuda"), {"mma": None})
+    assert ops.auto_impl(4096, 4096, 8, torch.bfloat16, "cuda") == "mma"
+    assert ops.auto_impl(4096, 1 << 15, 1 << 17, torch.bfloat16, "cuda") == "dequant_blas"
