@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from q4lab import formats
+from q4lab import formats, int4_peer, ops
 
 # Largest |out - reference| relative to the largest |reference| that passes, by activation dtype: a few
 # roundings of the output and of a dense weight in that dtype; a wrong kernel misses by O(1).
@@ -38,11 +38,14 @@ class CheckedRows:
     def rows_for(self, M: int) -> list[int]:
         return [i for i, row in enumerate(self.rows) if row < M]
 
-    def get(self, shape: str, K: int, dtype: str) -> torch.Tensor:
-        """The reference rows of the weight `shape` (K columns) for activations of `dtype`."""
-        if shape not in self.cache:
+    def get(self, shape: str, K: int, dtype: str, impl: str = "simt") -> torch.Tensor:
+        """The reference rows of the weight `shape` (K columns) for activations of `dtype`; for the
+        torch_int4 peer, of the weight re-quantized to its format, the product it computes."""
+        key = (shape, impl == "torch_int4")
+        if key not in self.cache:
             dtypes = [d for d in self.dtypes if (K, d) in self.inputs]
             A = torch.cat([self.inputs[K, d][self.rows] for d in dtypes])
-            out = reference(A, self.weights[shape]).cpu()
-            self.cache[shape] = dict(zip(dtypes, out.split(len(self.rows))))
-        return self.cache[shape][dtype]
+            w = self.weights[shape]
+            out = (int4_peer.reference(A, w, ops.int4_state(w)) if key[1] else reference(A, w)).cpu()
+            self.cache[key] = dict(zip(dtypes, out.split(len(self.rows))))
+        return self.cache[key][dtype]

@@ -8,6 +8,7 @@
 | dequant_blas | dequantize kernel to a dense weight, then torch.matmul      | GPU (CPU: torch dequantize) |
 | dense        | the unquantized weight through BLAS                         | GPU, CPU     |
 | bnb          | bitsandbytes' matmul_4bit on the same packed weight         | where bitsandbytes runs |
+| torch_int4   | torch's _weight_int4pack_mm on the weight re-quantized to its int4 format (q4lab.int4_peer): a peer, bf16 | NVIDIA sm_80+ |
 | reference    | float64 on the CPU                                          | CPU          |
 | auto         | what the dispatch rule picks for (N, K, M, dtype, arch)      | GPU (CPU: dequant_blas) |
 
@@ -27,11 +28,11 @@ import weakref
 
 import torch
 
-from q4lab import dispatch, formats, kernels
+from q4lab import dispatch, formats, int4_peer, kernels
 from q4lab.formats import Q4Weight
 
 # Literals: q4lab.dataset reads both names from this source to check datasets without importing torch
-IMPLS = ("simt", "mma", "gemv", "dequant_blas", "dense", "bnb", "reference")
+IMPLS = ("simt", "mma", "gemv", "dequant_blas", "dense", "bnb", "torch_int4", "reference")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_CODE = {DTYPES[name]: code for name, code in kernels.DTYPE_CODES.items()}
 _DTYPE_NAME = {dtype: name for name, dtype in DTYPES.items()}
@@ -66,10 +67,18 @@ def dense_weight(w: Q4Weight, dtype: torch.dtype) -> torch.Tensor:
     return per_weight[dtype]
 
 
+def int4_state(w: Q4Weight):
+    """The torch_int4 peer's re-quantized weight (q4lab.int4_peer.state), made once per weight."""
+    per_weight = _cache_of(w)
+    if "torch_int4" not in per_weight:
+        per_weight["torch_int4"] = int4_peer.state(w)
+    return per_weight["torch_int4"]
+
+
 def impl_bytes(impl: str, w: Q4Weight, M: int, dtype: torch.dtype, bias: bool = False) -> int:
     """Fewest bytes the impl must move: its weight (4-bit + absmax state, or dense), A, out and bias."""
     elem = torch.empty((), dtype=dtype).element_size()
-    weight = w.N * w.K * elem if impl == "dense" else w.weight_bytes
+    weight = w.N * w.K * elem if impl == "dense" else int4_peer.weight_bytes(w) if impl == "torch_int4" else w.weight_bytes
     return weight + M * w.K * elem + M * w.N * elem + (w.N * elem if bias else 0)
 
 
@@ -102,6 +111,8 @@ def _mma_support_reason() -> str | None:
 def unsupported_reason(impl: str, dtype: str, blocksize: int, shape: tuple[int, int, int] | None = None) -> str | None:
     """Why `impl` cannot take this activation dtype / blocksize (and, given, this (N, K, M)) on any device,
     or None."""
+    if impl == "torch_int4":
+        return int4_peer.unsupported_reason(dtype, blocksize, shape)
     if impl != "mma":
         return None
     if dtype == "fp32":
@@ -128,6 +139,7 @@ def available_impls(device: torch.device | str = "cpu", impls: tuple[str, ...] =
         "dequant_blas": kernel_reason if device.type == "cuda" else None,
         "dense": None,
         "reference": None,
+        "torch_int4": int4_peer.unavailable_reason(device),
     }
     return {impl: _bnb_unavailable_reason(device) if impl == "bnb" else reasons[impl] for impl in impls}
 
@@ -374,6 +386,11 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
                   or _kernel_unavailable_reason(A2.device) or _mma_support_reason())
         if reason:
             raise kernels.KernelError(f"impl 'mma' is unavailable: {reason}")
+    if impl == "torch_int4":
+        reason = (unsupported_reason(impl, _DTYPE_NAME[A2.dtype], w.blocksize, (w.N, w.K, M))
+                  or int4_peer.unavailable_reason(A2.device))
+        if reason:
+            raise kernels.KernelError(f"impl 'torch_int4' is unavailable: {reason}")
     if impl in _KERNEL_IMPL or (impl == "dequant_blas" and A2.is_cuda):
         reason = _kernel_unavailable_reason(A2.device)
         if reason:
@@ -387,6 +404,8 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
         _kernel(impl, A2, w, bias, out)
     elif impl == "mma":
         _mma(A2, w, bias, out)
+    elif impl == "torch_int4":  # torch allocates its own output
+        out.copy_(int4_peer.matmul(A2, w, int4_state(w)) + (bias if bias is not None else 0))
     elif impl in ("dequant_blas", "dense"):
         if impl == "dense":
             W = dense_weight(w, A2.dtype)

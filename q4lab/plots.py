@@ -18,7 +18,7 @@ from q4lab import analysis
 from q4lab.analysis import GRID_SWEEPS, bandwidth_model_us
 
 IMPL_COLORS = {"simt": "#d62728", "gemv": "#9467bd", "dequant_blas": "#1f77b4", "dense": "#7f7f7f",
-               "bnb": "#2ca02c", "mma": "#e377c2", "auto": "#17becf", "reference": "#000000"}
+               "bnb": "#2ca02c", "torch_int4": "#bcbd22", "mma": "#e377c2", "auto": "#17becf", "reference": "#000000"}
 LABEL_COLORS = {"camping": "#d62728", "slow_not_flat": "#8c564b", "wave_tail": "#ff7f0e", "normal": "#9e9e9e"}
 FAMILY_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 DASHES = ("solid", "dot", "dash", "dashdot")

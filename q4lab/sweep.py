@@ -50,7 +50,7 @@ GRID_MS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 20
 # gemv re-reads the weight per activation row and stops at M=64.
 SHIPPED_MS = tuple(m for m in GRID_MS if m <= 256)
 SHIPPED_IMPL_MAX_M = {"gemv": 64}
-TIMED_IMPLS = tuple(i for i in ops.IMPLS if i != "reference")
+TIMED_IMPLS = tuple(i for i in ops.IMPLS if i not in ("reference", "torch_int4"))  # the peer: named on demand
 # The simt kernel at one fixed launch configuration, as an impl name: "simt/r{R}m{MT}" (q4lab configs)
 CONFIG_IMPLS = tuple(f"simt/r{R}m{MT}" for R, MT in launch.SIMT_CONFIGS)
 # The `sweep` labels of M grids: the shipped grid, a re-measurement of some of its points, and the
@@ -84,7 +84,7 @@ class Plan:
                       self.blocksize, self.nested, self.cold)
                 for s in chunk.shapes for dtype in self.dtypes for M in self.ms for impl in impls
                 if M <= self.impl_max_m.get(impl, M)
-                and ops.unsupported_reason(impl, dtype, self.blocksize) is None]
+                and ops.unsupported_reason(impl, dtype, self.blocksize, (s.N, s.K, M)) is None]
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -404,7 +404,7 @@ def _check(ctx: _Context, p: Point, call, references: CheckedRows) -> bool:
     tolerance = CHECK_TOLERANCE[p.dtype]
     try:
         out = call()
-        ref = references.get(p.shape, p.K, p.dtype)
+        ref = references.get(p.shape, p.K, p.dtype, base_impl(p.impl))
     except Exception as err:  # the impl (or the reference) cannot compute this point: an error row
         _error(ctx, p, f"raised {type(err).__name__}: {err}")
         return False
