@@ -16,8 +16,8 @@
 //
 // Decode: one shared-memory load per byte, i.e. per pair of weights, from a 256-entry table of packed
 // fp16/bf16 pairs (the mma operand itself), held once per lane ([byte][lane]: every lane reads its own
-// bank, so 32 random bytes never conflict). Two ALU ops build the address (a shift, then mask-and-or with
-// the lane's column in one LOP3); the table's static shared address rides in the load's immediate.
+// bank, so 32 random bytes never conflict). A shift and one LOP3 (mask, then or in the lane's column) build
+// the offset; the compiler adds the table's base from a register.
 //
 // Work split (stream-K): one resident block an SM, for the whole launch, fills the 32 KB table once. The
 // work is the list of (item, K tile) pairs, an item being R 16-row tiles of weights by an 8 * MT8-row
