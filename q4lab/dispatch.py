@@ -35,7 +35,7 @@ from q4lab.analysis import GRID_SWEEPS, POINT, _points
 from q4lab.shapes import MODELS, model_layers
 
 RULE_KINDS = ("single", "per_dtype", "shape", "table")
-NOT_DISPATCHED = ("dense", "reference", "bnb")  # not 4-bit impls of this package: candidates only when named
+NOT_DISPATCHED = ("dense", "reference", "bnb", "torch_int4")  # not 4-bit impls of this package: candidates only when named
 TREE_DEPTH = 3  # 2 held out worse on the H200 grid with mma (p95 regret 1.27 against 1.18)
 MIN_LEAF_SHAPES = 4
 MIN_GAIN = 0.25  # a split must remove this share of its node's excess regret (sum of regret - 1)

@@ -1,9 +1,10 @@
 """impl="torch_int4": torch's int4 GEMM as a timing peer, on the weight re-quantized to its format and
 checked against that weight's own float64 product."""
+import polars as pl
 import pytest
 import torch
 
-from q4lab import checks, formats, int4_peer, kernels, ops
+from q4lab import checks, dispatch, formats, int4_peer, kernels, ops, synthetic
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or ops.available_impls("cuda", ("torch_int4",))["torch_int4"],
                                reason="needs an NVIDIA GPU of sm_80 or later and torch's int4 kernel")
@@ -62,3 +63,12 @@ def test_the_peer_matches_its_own_float64_product_on_a_gpu():
         out = ops.gemm_4bit(A, w, impl="torch_int4")
         want = int4_peer.reference(A, w, ops.int4_state(w))
         assert checks.check_error(out, want) <= checks.CHECK_TOLERANCE["bf16"]
+
+
+def test_a_grid_with_the_peer_never_dispatches_to_it():
+    # the peer multiplies by another weight: made the fastest at every point, it is still no candidate
+    frame = synthetic.synthetic_dataset(nsweep=None)
+    peer = frame.filter(pl.col("impl") == "simt").with_columns(pl.lit("torch_int4").alias("impl"),
+                                                               pl.col("time_us") / 10)
+    _, candidates = dispatch.point_times(pl.concat([frame, peer]))
+    assert "torch_int4" not in candidates and "simt" in candidates
