@@ -78,7 +78,7 @@ def int4_state(w: Q4Weight):
 def impl_bytes(impl: str, w: Q4Weight, M: int, dtype: torch.dtype, bias: bool = False) -> int:
     """Fewest bytes the impl must move: its weight (4-bit + absmax state, or dense), A, out and bias."""
     elem = torch.empty((), dtype=dtype).element_size()
-    weight = w.N * w.K * elem if impl == "dense" else int4_peer.weight_bytes(w) if impl == "torch_int4" else w.weight_bytes
+    weight = {"dense": w.N * w.K * elem, "torch_int4": int4_peer.weight_bytes(w)}.get(impl, w.weight_bytes)
     return weight + M * w.K * elem + M * w.N * elem + (w.N * elem if bias else 0)
 
 
@@ -168,11 +168,18 @@ def auto_impl(N: int, K: int, M: int, dtype: torch.dtype, device: torch.device |
     if not rule.covers(arch, name, quant_type):
         return default
     impl = rule.choose(N, K, M, name, arch, quant_type)
-    known = _available.setdefault(device, {})
-    if impl in IMPLS and impl not in known:  # one impl at a time: bnb's costs an import of bitsandbytes
-        known.update(available_impls(device, (impl,)))
-    usable = known.get(impl, "unknown impl") is None and unsupported_reason(impl, name, blocksize, (N, K, M)) is None
+    usable = (impl in IMPLS and _unavailable_reason(impl, device) is None
+              and unsupported_reason(impl, name, blocksize, (N, K, M)) is None)
     return impl if usable else default
+
+
+def _unavailable_reason(impl: str, device: torch.device) -> str | None:
+    """available_impls' answer for one impl on `device`, asked once a process: its probes (the library,
+    the mma kernel's residency, bitsandbytes' import) cost microseconds to seconds, too much a call."""
+    known = _available.setdefault(device, {})
+    if impl not in known:
+        known.update(available_impls(device, (impl,)))
+    return known[impl]
 
 
 def _check(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, impl: str) -> None:
@@ -276,24 +283,26 @@ _mma_scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 def mma_config(w: Q4Weight, M: int, dtype: torch.dtype, blocks: int = 0) -> tuple[int, int]:
     """The mma launch the library picks for this weight and batch on the current GPU: (blocks, batch rows an
     item); `blocks` > 0 is kept."""
-    return _mma_plan(torch.cuda.current_device(), _DTYPE_CODE[dtype], int(w.nested), w.N, M, w.K, blocks)
+    return _mma_plan(torch.cuda.current_device(), _DTYPE_CODE[dtype], int(w.nested), w.N, M, w.K, blocks)[:2]
 
 
 @functools.lru_cache(maxsize=4096)  # the plan asks the runtime for the residency: microseconds a launch
-def _mma_plan(device: int, dtype: int, nested: int, N: int, M: int, K: int, blocks: int) -> tuple[int, int]:
+def _mma_plan(device: int, dtype: int, nested: int, N: int, M: int, K: int, blocks: int) -> tuple[int, int, int, int]:
+    """(blocks, batch rows an item, workspace floats, tickets) of the launch."""
+    lib = kernels.library()
     got_blocks, m_tile = ctypes.c_int(blocks), ctypes.c_int(0)
-    kernels.check(kernels.library().q4_mma_plan(dtype, nested, N, M, K, ctypes.byref(got_blocks), ctypes.byref(m_tile)))
-    return got_blocks.value, m_tile.value
-
-
-def _mma_scratch_for(device: torch.device, stream: int, N: int, M: int, blocks: int):
+    kernels.check(lib.q4_mma_plan(dtype, nested, N, M, K, ctypes.byref(got_blocks), ctypes.byref(m_tile)))
     floats, tickets = ctypes.c_long(0), ctypes.c_int(0)
-    kernels.check(kernels.library().q4_mma_scratch(N, M, blocks, ctypes.byref(floats), ctypes.byref(tickets)))
+    kernels.check(lib.q4_mma_scratch(N, M, got_blocks.value, ctypes.byref(floats), ctypes.byref(tickets)))
+    return got_blocks.value, m_tile.value, floats.value, tickets.value
+
+
+def _mma_scratch_for(device: torch.device, stream: int, floats: int, tickets: int):
     key = (device.index if device.index is not None else torch.cuda.current_device(), stream)
     ws, tk = _mma_scratch.get(key, (None, None))
-    if ws is None or ws.numel() < floats.value or tk.numel() < tickets.value:
-        ws = torch.empty(max(floats.value, 1), dtype=torch.float32, device=device)
-        tk = torch.zeros(max(tickets.value, 1), dtype=torch.int32, device=device)
+    if ws is None or ws.numel() < floats or tk.numel() < tickets:
+        ws = torch.empty(max(floats, 1), dtype=torch.float32, device=device)
+        tk = torch.zeros(max(tickets, 1), dtype=torch.int32, device=device)
         _mma_scratch[key] = (ws, tk)
     return ws, tk
 
@@ -319,9 +328,10 @@ def _mma(A2: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, out: torch.Te
     A2 = A2.contiguous()
     M = A2.shape[0]
     with torch.cuda.device(A2.device):
-        blocks, _ = mma_config(w, M, A2.dtype, blocks)
+        blocks, _, floats, tickets = _mma_plan(torch.cuda.current_device(), _DTYPE_CODE[A2.dtype], int(w.nested),
+                                               w.N, M, w.K, blocks)
     stream = torch.cuda.current_stream(A2.device).cuda_stream
-    ws, tk = _mma_scratch_for(A2.device, stream, w.N, M, blocks)
+    ws, tk = _mma_scratch_for(A2.device, stream, floats, tickets)
     nested = w.nested
     kernels.check(kernels.library().q4_mma_gemm(
         _DTYPE_CODE[A2.dtype], int(nested), A2.data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(),
@@ -381,18 +391,9 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
     out = torch.empty(M, w.N, dtype=A.dtype, device=A.device) if out is None else _check_out(out, A2, w, bias)
     if impl == "auto":
         impl = auto_impl(w.N, w.K, M, A2.dtype, A2.device, w.quant_type, w.blocksize)
-    if impl == "mma":
+    if impl in (*_KERNEL_IMPL, "mma", "torch_int4") or (impl == "dequant_blas" and A2.is_cuda):
         reason = (unsupported_reason(impl, _DTYPE_NAME[A2.dtype], w.blocksize, (w.N, w.K, M))
-                  or _kernel_unavailable_reason(A2.device) or _mma_support_reason())
-        if reason:
-            raise kernels.KernelError(f"impl 'mma' is unavailable: {reason}")
-    if impl == "torch_int4":
-        reason = (unsupported_reason(impl, _DTYPE_NAME[A2.dtype], w.blocksize, (w.N, w.K, M))
-                  or int4_peer.unavailable_reason(A2.device))
-        if reason:
-            raise kernels.KernelError(f"impl 'torch_int4' is unavailable: {reason}")
-    if impl in _KERNEL_IMPL or (impl == "dequant_blas" and A2.is_cuda):
-        reason = _kernel_unavailable_reason(A2.device)
+                  or _unavailable_reason(impl, A2.device))
         if reason:
             raise kernels.KernelError(f"impl {impl!r} is unavailable: {reason}")
     shaped = out if A.dim() == 2 else out.view(*lead, w.N)  # the caller's own `out` when A is [M, K]
