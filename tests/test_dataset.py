@@ -32,7 +32,7 @@ def _with(frame: pl.DataFrame, rows: list[int], **values) -> pl.DataFrame:
     (dict(spread=math.nan), "time_us within"),
     (dict(M=0), "M, N, K >= 1"),
     (dict(K=-128), "M, N, K >= 1"),
-    (dict(impl="fused"), "impl one of simt, "),
+    (dict(impl="fused"), "impl one of simt, mma, gemv"),
     (dict(dtype="fp8"), "dtype one of fp16, bf16, fp32"),
 ])
 def test_bad_values_are_refused_naming_file_rule_and_rows(good, tmp_path, values, rule):

@@ -7,7 +7,7 @@ import torch
 
 from q4lab import checks, formats, kernels, ops
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or ops.available_impls("cuda")["mma"] is not None,
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or ops.available_impls("cuda", ("mma",))["mma"] is not None,
                                reason="needs an NVIDIA GPU of sm_80 or later (the mma kernel runs nowhere else)")
 
 

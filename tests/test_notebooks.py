@@ -129,6 +129,7 @@ def test_devices_compares_the_two_cards_shape_by_shape(runs, synthetic):
     assert (runs["_out"] / "devices" / "crossover_shift.csv").is_file()
 
 
+@pytest.mark.slow  # the module's notebook runs
 def test_crossover_defaults_cover_every_dtype_baseline_and_shape(runs, synthetic):
     frame, _ = synthetic
     notebook = _ran(runs, "crossover_defaults")

@@ -49,7 +49,8 @@ def test_a_sweep_killed_at_random_moments_loses_and_doubles_nothing(tmp_path, mo
     command = [sys.executable, "-c", WORKER, str(log), repr([tuple(s) for s in SHAPES]), repr(GRID)]
     kills = 0
     for _ in range(3):
-        taken = len(_rounds(log))
+        before = _rounds(log)
+        taken = len(before)
         proc = subprocess.Popen(command, cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 60
@@ -62,7 +63,7 @@ def test_a_sweep_killed_at_random_moments_loses_and_doubles_nothing(tmp_path, mo
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         kills += 1
-        before, after = _rounds(log)[:taken], _rounds(log)
+        after = _rounds(log)
         assert after[:taken] == before and len(after) > taken  # progress, and nothing taken rewritten
     assert kills == 3, "the sweep finished before it was killed often enough: slow the worker down"
 
