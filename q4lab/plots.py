@@ -40,10 +40,10 @@ ROW_HOVER = {"device": "device", "shape": "shape", "impl": "impl", "dtype": "dty
              "gbps": "achieved [GB/s]", "bytes": "bytes", "spread": "spread between rounds",
              "stable": "stable"}
 
-def _one_config(df: pl.DataFrame, what: str, unfaceted=("quant_type", "blocksize", "nested", "cold")) -> pl.DataFrame:
+def _one_config(df: pl.DataFrame, what: str) -> pl.DataFrame:
     """A figure facets devices (and, where it says so, dtypes); refuse a mix of anything else rather
     than overlay it."""
-    mixed = [c for c in unfaceted if df[c].n_unique() > 1]
+    mixed = [c for c in ("quant_type", "blocksize", "nested", "cold") if df[c].n_unique() > 1]
     if mixed:
         options = {c: sorted(df[c].unique().to_list()) for c in mixed}
         raise ValueError(f"{what}: the data mixes {options}; select one first, e.g. "

@@ -242,7 +242,7 @@ def bench_command(args: argparse.Namespace) -> int:
     """Every impl on NxK sizes outside the shape catalogue, rows labelled sweep='bench'. Time an
     experiment's kernels/ beside the shipped one with Q4LAB_KERNELS=DIR into another dataset: the rows'
     kernel_hash tells them apart."""
-    kwargs = dict(shapes=[list(s) for s in experiment_shapes(args.shapes, "bench")], ms=args.m, dtypes=args.dtypes,
+    kwargs = dict(shapes=experiment_shapes(args.shapes, "bench"), ms=args.m, dtypes=args.dtypes,
                   impls=args.impls, sweep="bench", **_run_options(args))
     return measure("run_grid", kwargs, args)
 
@@ -261,7 +261,7 @@ def configs_command(args: argparse.Namespace) -> int:
     over N x K x M, rows labelled sweep='configs': the data the launch model (kernels/q4_launch.h) is fitted
     to. Each configuration is checked against the reference before it is timed."""
     sizes = [(N, K) for K in args.k for N in args.n]
-    kwargs = dict(shapes=[list(s) for s in experiment_shapes(sizes, "configs")], ms=args.m, dtypes=args.dtypes,
+    kwargs = dict(shapes=experiment_shapes(sizes, "configs"), ms=args.m, dtypes=args.dtypes,
                   impls=["simt", *CONFIG_IMPLS], sweep="configs", **_run_options(args))
     rc = measure("run_grid", kwargs, args)
     frame = pl.read_parquet(args.out).filter(pl.col("sweep") == "configs")
