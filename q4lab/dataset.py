@@ -38,7 +38,7 @@ MEASUREMENT = {
     "quant_type": pl.Utf8,      # "nf4" | "fp4"
     "blocksize": pl.Int64,
     "nested": pl.Boolean,
-    "shape": pl.Utf8,           # canonical shape name, or "n{N}_k{K}" for N-sweep points
+    "shape": pl.Utf8,           # canonical shape name, or "n{N}_k{K}" for N-sweep and experiment points
     "family": pl.Utf8,          # shape family ("gqa_kv", "mlp_up", ..., "nsweep")
     "N": pl.Int64,
     "K": pl.Int64,

@@ -19,7 +19,7 @@ class Shape(NamedTuple):
     layer: str    # module name(s) in the model with this weight shape
     N: int        # out_features
     K: int        # in_features
-    family: str   # one of FAMILIES, or "nsweep" for generated N-sweep points
+    family: str   # one of FAMILIES, or a sized_shape's: "nsweep", or an experiment's "bench", "configs"
     source: str   # the config.json fields N and K are computed from
 
 
@@ -176,11 +176,12 @@ def select(spec: str | Iterable[str]) -> list[Shape]:
     return list(picked.values())
 
 
-def nsweep_shape(N: int, K: int) -> Shape:
-    """One point of an N sweep: a synthetic shape named "n{N}_k{K}" in family "nsweep"."""
+def sized_shape(N: int, K: int, family: str) -> Shape:
+    """A shape of no model, given by its sizes alone: named "n{N}_k{K}", in `family` ("nsweep" for a point of
+    an N sweep, or an experiment's "bench", "configs")."""
     if N <= 0 or K <= 0:
         raise ValueError(f"N and K must be positive, got N={N}, K={K}")
-    return Shape(f"n{N}_k{K}", "", "", N, K, "nsweep", "N sweep")
+    return Shape(f"n{N}_k{K}", "", "", N, K, family, "N and K given")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from q4lab import bench, formats, launch, ops, provenance, writer_lock
 from q4lab.checks import CHECK_TOLERANCE, CheckedRows, check_error
 from q4lab.runlog import (IDENTITY, Point, PointLog, RawLog, SweepError, check_identity, finished_rows,
                           log_identity, point_logs)
-from q4lab.shapes import Shape, nsweep_shape, select
+from q4lab.shapes import Shape, select, sized_shape
 
 GRID_MS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 2048)
 # The shipped grid (q4lab sweep grid --preset shipped): every shape, dtype and timed impl at the Ms the
@@ -135,7 +135,7 @@ def nsweep_plan(K, ms, n_start, n_stop, n_step, impls, dtypes=("fp16",), quant_t
     if not (0 < n_start <= n_stop and n_step > 0):
         raise SweepError(f"N range {n_start}..{n_stop} step {n_step}: need 0 < n_start <= n_stop and n_step > 0")
     ns = range(n_start, n_stop + 1, n_step)
-    points = [nsweep_shape(N, K) for N in ns]
+    points = [sized_shape(N, K, "nsweep") for N in ns]
     quant_type = _names([quant_type], formats.QUANT_TYPES, "quant type")[0]
     chunks = tuple(Chunk(tuple(points[i:i + NSWEEP_CHUNK_NS]), quant_type)
                    for i in range(0, len(points), NSWEEP_CHUNK_NS))

@@ -16,7 +16,7 @@ import torch
 
 from q4lab import dataset, fleet, formats, ops
 from q4lab.runlog import SweepError, compact
-from q4lab.shapes import FAMILIES, Shape
+from q4lab.shapes import FAMILIES, sized_shape
 from q4lab.sweep import (CONFIG_IMPLS, GRID_MS, RUNNERS, SHIPPED_IMPL_MAX_M, SHIPPED_MS, TIMED_IMPLS, grid_plan,
                          nsweep_plan)
 
@@ -224,11 +224,6 @@ def _shape_sizes(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated NxK sizes, e.g. 28672x8192,4096x4096") from None
 
 
-def experiment_shapes(sizes, family: str) -> list[Shape]:
-    """Shapes "n{N}_k{K}" of an experiment's family ("bench", "configs")."""
-    return [Shape(f"n{N}_k{K}", "", "", N, K, family, family) for N, K in sizes]
-
-
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", type=_shape_sizes, default="28672x8192,128256x4096,8192x8192,4096x4096,1024x4096",
                         help="comma-separated NxK weight sizes (default: %(default)s)")
@@ -242,7 +237,7 @@ def bench_command(args: argparse.Namespace) -> int:
     """Every impl on NxK sizes outside the shape catalogue, rows labelled sweep='bench'. Time an
     experiment's kernels/ beside the shipped one with Q4LAB_KERNELS=DIR into another dataset: the rows'
     kernel_hash tells them apart."""
-    kwargs = dict(shapes=experiment_shapes(args.shapes, "bench"), ms=args.m, dtypes=args.dtypes,
+    kwargs = dict(shapes=[sized_shape(N, K, "bench") for N, K in args.shapes], ms=args.m, dtypes=args.dtypes,
                   impls=args.impls, sweep="bench", **_run_options(args))
     return measure("run_grid", kwargs, args)
 
@@ -260,8 +255,7 @@ def configs_command(args: argparse.Namespace) -> int:
     """The simt kernel at every launch configuration (impl "simt/r{R}m{MT}") beside its own pick ("simt")
     over N x K x M, rows labelled sweep='configs': the data the launch model (kernels/q4_launch.h) is fitted
     to. Each configuration is checked against the reference before it is timed."""
-    sizes = [(N, K) for K in args.k for N in args.n]
-    kwargs = dict(shapes=experiment_shapes(sizes, "configs"), ms=args.m, dtypes=args.dtypes,
+    kwargs = dict(shapes=[sized_shape(N, K, "configs") for K in args.k for N in args.n], ms=args.m, dtypes=args.dtypes,
                   impls=["simt", *CONFIG_IMPLS], sweep="configs", **_run_options(args))
     rc = measure("run_grid", kwargs, args)
     frame = pl.read_parquet(args.out).filter(pl.col("sweep") == "configs")

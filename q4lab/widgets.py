@@ -341,7 +341,7 @@ class ShapeProber:
 
     def _probe_shape(self, N: int, K: int) -> shapes.Shape:
         """The canonical shape of these sizes, so probes sit beside the dataset's rows; else "n{N}_k{K}"."""
-        return next((s for s in sorted(shapes.SHAPES) if (s.N, s.K) == (N, K)), None) or shapes.nsweep_shape(N, K)
+        return next((s for s in sorted(shapes.SHAPES) if (s.N, s.K) == (N, K)), None) or shapes.sized_shape(N, K, "nsweep")
 
     def _show_step(self, line: str, done: int, total: int) -> None:
         self.progress.max, self.progress.value = max(total, 1), done

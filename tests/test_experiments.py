@@ -43,7 +43,8 @@ def test_configs_times_each_launch_configuration_beside_the_launchers_pick(tmp_p
     assert cli.main(["configs", "--n", "96", "--k", "128", "--m", "2", "--dtypes", "fp32", "--rounds", "1",
                      "--out", str(out), "--no-progress"]) == 0
     frame = dataset.load(out)
-    assert set(frame["sweep"]) == {"configs"}
+    assert set(frame["sweep"]) == {"configs"} and set(frame["family"]) == {"configs"}
+    assert set(frame["shape"]) == {"n96_k128"}
     assert sorted(frame["impl"]) == sorted(["simt", *sweep.CONFIG_IMPLS])
     assert set(fixed) == set(launch.SIMT_CONFIGS)  # each configuration ran as itself
     assert "the launcher's own pick:" in capsys.readouterr().out

@@ -62,11 +62,13 @@ def test_select_names_families_and_all_without_repeats():
         shapes.select("all,nonsense")
 
 
-def test_nsweep_shape():
-    s = shapes.nsweep_shape(4160, 4096)
+def test_sized_shape_is_named_by_its_sizes_in_the_family_given():
+    s = shapes.sized_shape(4160, 4096, "nsweep")
     assert (s.name, s.N, s.K, s.family) == ("n4160_k4096", 4160, 4096, "nsweep")
-    with pytest.raises(ValueError):
-        shapes.nsweep_shape(0, 4096)
+    bench = shapes.sized_shape(96, 128, "bench")
+    assert (bench.name, bench.model, bench.family) == ("n96_k128", "", "bench")
+    with pytest.raises(ValueError, match="N and K must be positive"):
+        shapes.sized_shape(0, 4096, "bench")
 
 
 def test_model_layers_count_every_weight_of_a_decode_step():
