@@ -219,9 +219,12 @@ def _measure_on_ray(func: str, kwargs: dict, args: argparse.Namespace, log: Path
 
 def _shape_sizes(text: str) -> list[tuple[int, int]]:
     try:
-        return [tuple(int(x) for x in t.lower().split("x")) for t in text.split(",") if t.strip()]
+        sizes = [tuple(int(x) for x in t.lower().split("x")) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated NxK sizes, e.g. 28672x8192,4096x4096") from None
+        sizes = []
+    if not sizes or any(len(size) != 2 for size in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated NxK sizes, e.g. 28672x8192,4096x4096")
+    return sizes
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

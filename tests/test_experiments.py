@@ -29,6 +29,18 @@ def test_bench_times_every_impl_on_the_sizes_given(tmp_path, quick_clock):
     assert (frame["git_commit"].str.len_chars() > 0).all() and frame["run_id"].n_unique() == 1
 
 
+@pytest.mark.parametrize("sizes, error", [("96x128x2", "give comma-separated NxK sizes"),
+                                          ("96", "give comma-separated NxK sizes"),
+                                          ("0x128", "N and K must be positive")])
+def test_bench_refuses_sizes_that_are_not_a_positive_n_by_k(tmp_path, capsys, sizes, error):
+    out = tmp_path / "bench.parquet"
+    try:
+        rc = cli.main(["bench", "--shapes", sizes, "--out", str(out), "--no-progress"])
+    except SystemExit as exit:  # argparse refuses what --shapes cannot parse
+        rc = exit.code
+    assert rc == 2 and error in capsys.readouterr().err and not out.exists()
+
+
 def test_configs_times_each_launch_configuration_beside_the_launchers_pick(tmp_path, quick_clock, monkeypatch,
                                                                            capsys):
     # simt stands in as the dense impl, each fixed configuration as the reference: a CPU has no kernel
