@@ -177,7 +177,7 @@ def _kernel_notes(asm: str) -> dict[str, dict[str, str]]:
     return notes
 
 
-def _template_parameters(kernel_dir: Path) -> dict[str, list[str]]:
+def template_parameters(kernel_dir: Path = kernels.KERNEL_DIR) -> dict[str, list[str]]:
     """{kernel: its template parameter names}, read from the `template <...> __global__` declarations."""
     declaration = re.compile(r"template\s*<([^<>]*)>\s*__global__\s+void\s+"
                              r"(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(")
@@ -212,14 +212,14 @@ def _demangle(symbols: list[str]) -> list[str]:
     return out if len(out) == len(symbols) else symbols
 
 
-def parse(asm: str, target: str, source: str, kernel_dir: Path = kernels.KERNEL_DIR) -> list[KernelResources]:
-    """One KernelResources per kernel symbol of an assembly file, in the file's order."""
+def parse(asm: str, target: str, source: str, params: dict[str, list[str]]) -> list[KernelResources]:
+    """One KernelResources per kernel symbol of an assembly file, in the file's order; `params` are the
+    kernels' template parameter names (`template_parameters`), read once for all the files."""
     block = re.search(r"^\s*\.amdgpu_metadata\s*\n(.*?)^\s*\.end_amdgpu_metadata", asm, re.M | re.S)
     if block is None:
         raise KernelError(f"no .amdgpu_metadata block in the {target} assembly of {source}")
     metadata = yaml.safe_load(block.group(1).rstrip())["amdhsa.kernels"]
     notes = _kernel_notes(asm)
-    params = _template_parameters(kernel_dir)
     names = _demangle([k[".name"] for k in metadata])
     rows = []
     for k, demangled in zip(metadata, names):
@@ -252,9 +252,10 @@ def waves_per_simd(k: KernelResources) -> tuple[int, str]:
 def resources(targets: tuple[str, ...] = AMD_TARGETS,
               kernel_dir: Path = kernels.KERNEL_DIR) -> list[KernelResources]:
     """Every kernel instance of every kernels/*.cu on every target, compiled (or read from the cache)."""
+    params = template_parameters(kernel_dir)
     rows = []
     for (target, source), path in assembly(targets, kernel_dir).items():
-        rows += parse(path.read_text(), target, source, kernel_dir)
+        rows += parse(path.read_text(), target, source, params)
     return rows
 
 

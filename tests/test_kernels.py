@@ -264,10 +264,10 @@ def amd_assembly(tmp_path_factory) -> tuple[dict[tuple[str, str], Path], Path]:
 @pytest.fixture(scope="module")
 def amd_kernels(amd_assembly) -> list[tuple[amd_asm.KernelResources, str]]:
     """(resources, code) of every kernel instance on every AMD target."""
-    out = []
+    params, out = amd_asm.template_parameters(), []
     for (target, source), path in amd_assembly[0].items():
         asm = path.read_text()
-        out += [(k, kernel_body(asm, k.symbol)) for k in amd_asm.parse(asm, target, source)]
+        out += [(k, kernel_body(asm, k.symbol)) for k in amd_asm.parse(asm, target, source, params)]
     return out
 
 
