@@ -178,9 +178,10 @@ def _kernel_notes(asm: str) -> dict[str, dict[str, str]]:
 
 
 def template_parameters(kernel_dir: Path = kernels.KERNEL_DIR) -> dict[str, list[str]]:
-    """{kernel: its template parameter names}, read from the `template <...> __global__` declarations."""
+    """{kernel: its template parameter names}, read from the `template <...> __global__` declarations (their
+    launch bounds may call a function: `__launch_bounds__(q4_mma_warps(MT8) * 32, 1)`)."""
     declaration = re.compile(r"template\s*<([^<>]*)>\s*__global__\s+void\s+"
-                             r"(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(")
+                             r"(?:__launch_bounds__\((?:[^()]|\([^()]*\))*\)\s*)?(\w+)\s*\(")
     params = {}
     for src in sorted(kernel_dir.glob("*.cu")):
         for m in declaration.finditer(src.read_text()):

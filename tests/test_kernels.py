@@ -363,7 +363,9 @@ def test_cli_resources_prints_one_row_per_kernel_instance(amd_assembly):
         for row in rows:
             *counts, waves = map(int, row[1:9])  # VGPRs .. SGPR spills are whole numbers
             assert min(counts) >= 0 and 1 <= waves <= max_waves and row[9] in ("vgprs", "sgprs", "lds", "max")
-        assert "q4_gemm_kernel<DT=bf16,R=4,MT=8,NESTED=0,INTERLEAVED=1>" in {r[0] for r in rows}
+        names = {r[0] for r in rows}
+        assert {"q4_gemm_kernel<DT=bf16,R=4,MT=8,NESTED=0,INTERLEAVED=1>", "q4_mma_kernel<DT=bf16,MT8=4,NESTED=1>",
+                "q4_dequant_kernel<DT=fp16,NESTED=0>"} <= names
 
 
 def test_amd_waves_per_simd_take_the_tightest_limit():
