@@ -35,7 +35,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from q4lab import bench, dataset, runlog, sweep
+from q4lab import bench, dataset, runlog, sweep, writer_lock
 
 RESOURCE = "arch:"            # custom resource prefix: "arch:sm_90", "arch:gfx1201"
 TASK_RETRIES = 2              # Ray's retries of a task whose worker or node died
@@ -167,9 +167,8 @@ def write_rows(out: Path, rows: pl.DataFrame) -> list[Path]:
                 raise runlog.SweepError(f"{path} holds rows of another device or version than this run's "
                                         f"{mixed}: move it aside, or sweep into another --out")
             new = pl.concat([old.join(new.select(key), on=key, how="anti"), new])
-        tmp = path.with_name(path.name + ".tmp")
-        new.write_parquet(tmp)
-        os.replace(tmp, path)
+        with writer_lock.replacing(path) as partial:
+            new.write_parquet(partial)
         written.append(path)
     return written
 

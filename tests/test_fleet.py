@@ -112,6 +112,22 @@ def test_device_datasets_never_mix_devices_nor_double_a_point(tmp_path):
     assert dataset.load(written[0]).height == 3                      # and the refused rows changed nothing
 
 
+def test_a_write_cut_short_leaves_the_device_dataset_whole_and_no_leftover(tmp_path, monkeypatch):
+    out = tmp_path / "grid.parquet"
+    [path] = fleet.write_rows(out, rows("box1", "sm_90", [1], 5.0))
+
+    def torn(frame, file, *args, **kwargs):
+        Path(file).write_bytes(b"PAR1 torn")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", torn)
+    with pytest.raises(OSError, match="disk full"):
+        fleet.write_rows(out, rows("box1", "sm_90", [2], 6.0))
+    monkeypatch.undo()
+    assert dataset.load(path)["M"].to_list() == [1]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_a_dataset_from_before_the_host_column_loads_with_an_empty_host(tmp_path):
     old = rows("box1", "sm_90", [1], 5.0).drop("host")
     old.write_parquet(tmp_path / "old.parquet")
