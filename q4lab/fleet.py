@@ -156,16 +156,15 @@ def device_dataset(out: Path, host: str, arch: str) -> Path:
 
 
 def write_rows(out: Path, rows: pl.DataFrame) -> list[Path]:
-    """Add `rows` to their devices' datasets beside `out`, replacing rows of the same points; return the paths."""
+    """Add `rows` (one run's rows per device) to their devices' datasets beside `out`, replacing rows of the
+    same points; return the paths."""
     written, key = [], list(runlog.Point._fields)
     for (host, arch), new in rows.group_by(["host", "arch"], maintain_order=True):
         path = device_dataset(out, host, arch)
         if path.exists():
             old = dataset.load(path)
-            mixed = {k: sorted(set(old[k]) | set(new[k])) for k in runlog.IDENTITY if set(old[k]) != set(new[k])}
-            if mixed:
-                raise runlog.SweepError(f"{path} holds rows of another device or version than this run's "
-                                        f"{mixed}: move it aside, or sweep into another --out")
+            runlog.check_dataset_identity(old, new.select(runlog.IDENTITY).row(0, named=True), path,
+                                          "move it aside, or sweep into another --out")
             new = pl.concat([old.join(new.select(key), on=key, how="anti"), new])
         with writer_lock.replacing(path) as partial:
             new.write_parquet(partial)

@@ -293,19 +293,22 @@ def compact(log_path, out_path) -> pl.DataFrame:
                           wait_s=COMPACT_WAIT_S):
         if out.exists():
             old = dataset.load(out)
-            _check_dataset_identity(old, next(iter(identities.values())), out)
+            check_dataset_identity(old, next(iter(identities.values())), out,
+                                   "write to a new file (another --out)")
             new = pl.concat([old.filter(~pl.col("run_id").is_in(sorted(run_ids))), new])
         with writer_lock.replacing(out) as partial:
             new.write_parquet(partial)
     return new
 
 
-def _check_dataset_identity(old: pl.DataFrame, ident: dict, out: Path) -> None:
+def check_dataset_identity(old: pl.DataFrame, ident: dict, path: Path, remedy: str) -> None:
+    """Refuse to add rows of identity `ident` to `old`, the dataset at `path`, when it holds rows of another
+    device or version (a dataset never mixes them); `remedy` says what to do instead."""
     diff = {k: sorted(set(old[k].unique().to_list()) - {ident[k]}) for k in IDENTITY}
     diff = {k: v for k, v in diff.items() if v}
     if diff:
-        raise SweepError(f"{out} holds rows of another device or version ({diff}; this log: "
-                         f"{ {k: ident[k] for k in diff} }): write to a new file")
+        raise SweepError(f"{path} holds rows of another device or version ({diff}; the rows to add: "
+                         f"{ {k: ident[k] for k in diff} }): {remedy}")
 
 
 def _warn_unfinished(records: list[dict], path) -> None:

@@ -107,7 +107,8 @@ def test_device_datasets_never_mix_devices_nor_double_a_point(tmp_path):
         "sm_90": {runlog.Point(*r) for r in box1.select(runlog.Point._fields).iter_rows()},
         "gfx1201": {runlog.Point(*r) for r in dataset.load(written[1]).select(runlog.Point._fields).iter_rows()},
         "gfx942": set()}
-    with pytest.raises(runlog.SweepError, match="another device or version"):
+    with pytest.raises(runlog.SweepError, match=r"another device or version \(\{'torch_version'.*the rows to add: "
+                                                r"\{'torch_version': '9.9'\}\): move it aside, or sweep into"):
         fleet.write_rows(out, rows("box1", "sm_90", [4], 6.0, torch_version="9.9"))
     assert dataset.load(written[0]).height == 3                      # and the refused rows changed nothing
 
