@@ -20,9 +20,9 @@ from q4lab.shapes import FAMILIES, sized_shape
 from q4lab.sweep import (CONFIG_IMPLS, GRID_MS, RUNNERS, SHIPPED_IMPL_MAX_M, SHIPPED_MS, TIMED_IMPLS, grid_plan,
                          nsweep_plan)
 
-# The grid options --preset shipped leaves at their defaults
-SHIPPED_DEFAULTS = {"shapes": "all", "m": None, "dtypes": "fp16,bf16,fp32", "impls": ",".join(TIMED_IMPLS),
-                    "quant_types": "nf4", "repeat": False}
+# `sweep grid`'s defaults (--m: None, for GRID_MS), which --preset shipped refuses to see changed
+GRID_DEFAULTS = {"shapes": "all", "m": None, "dtypes": "fp16,bf16,fp32", "impls": ",".join(TIMED_IMPLS),
+                 "quant_types": "nf4", "repeat": False}
 
 _WORKER = "import json, sys, q4lab.sweep as s; s.RUNNERS[sys.argv[1]](**json.loads(sys.argv[2]))"
 PLANS = {"run_grid": grid_plan, "run_nsweep": nsweep_plan}   # a runner's plan alone, from its arguments
@@ -82,15 +82,13 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="sweep_command", required=True)
     grid = sub.add_parser("grid", help="shapes x M x dtypes x impls x quant types",
                           description="Time an M grid into a raw log, then compact it into a parquet dataset.")
-    grid.add_argument("--shapes", default="all",
-                      help=f"comma-separated shape names, families ({', '.join(FAMILIES)}) or 'all' "
-                           f"(default)")
+    grid.set_defaults(**GRID_DEFAULTS)
+    grid.add_argument("--shapes", help=f"comma-separated shape names, families ({', '.join(FAMILIES)}) or 'all' "
+                                       f"(default: %(default)s)")
     grid.add_argument("--m", type=_int_list, help=f"M values (default: {','.join(map(str, GRID_MS))})")
-    grid.add_argument("--dtypes", default="fp16,bf16,fp32", help=f"of {', '.join(ops.DTYPES)} (default: %(default)s)")
-    grid.add_argument("--impls", default=",".join(TIMED_IMPLS),
-                      help=f"of {', '.join(ops.IMPLS)}, or 'all' for {', '.join(TIMED_IMPLS)} (the default)")
-    grid.add_argument("--quant-types", default="nf4",
-                      help=f"of {', '.join(formats.QUANT_TYPES)} (default: %(default)s)")
+    grid.add_argument("--dtypes", help=f"of {', '.join(ops.DTYPES)} (default: %(default)s)")
+    grid.add_argument("--impls", help=f"of {', '.join(ops.IMPLS)}, or 'all' for {', '.join(TIMED_IMPLS)} (the default)")
+    grid.add_argument("--quant-types", help=f"of {', '.join(formats.QUANT_TYPES)} (default: %(default)s)")
     grid.add_argument("--repeat", action="store_true",
                       help="label the rows sweep='repeat': a re-measurement to show run-to-run spread")
     grid.add_argument("--preset", choices=("shipped",),
@@ -166,7 +164,7 @@ def sweep_command(args: argparse.Namespace) -> int:
                                         impls=args.impls, quant_types=args.quant_types,
                                         sweep="repeat" if args.repeat else "grid", **common)
         if args.preset == "shipped":
-            given = [f"--{k.replace('_', '-')}" for k, default in SHIPPED_DEFAULTS.items() if getattr(args, k) != default]
+            given = [f"--{k.replace('_', '-')}" for k, default in GRID_DEFAULTS.items() if getattr(args, k) != default]
             if given:
                 raise SweepError(f"--preset shipped fixes the grid: leave out {', '.join(given)} (or the preset)")
             kwargs |= dict(ms=SHIPPED_MS, impl_max_m=SHIPPED_IMPL_MAX_M)

@@ -91,3 +91,18 @@ def test_the_shipped_preset_measures_the_ms_the_analyses_read(tmp_path, monkeypa
                        ["fp16"], ["simt", "gemv"], 64, False, True, {"gemv": 64})
     points = plan.points(plan.chunks[0], plan.impls)
     assert sorted((p.impl, p.M) for p in points) == [("gemv", 1), ("gemv", 64), ("simt", 1), ("simt", 64), ("simt", 128)]
+
+
+@pytest.mark.parametrize("given, refused", [
+    (["--shapes", "square"], "--shapes"), (["--m", "1,2"], "--m"), (["--dtypes", "fp16"], "--dtypes"),
+    (["--impls", "simt"], "--impls"), (["--quant-types", "fp4"], "--quant-types"), (["--repeat"], "--repeat"),
+    (["--dtypes", "fp16", "--repeat"], "--dtypes, --repeat"), (["--dtypes", "fp16,bf16,fp32"], None)])
+def test_the_shipped_preset_refuses_exactly_the_grid_options_changed(tmp_path, monkeypatch, capsys, given, refused):
+    asked = []
+    monkeypatch.setitem(sweep.RUNNERS, "run_grid", lambda **kw: asked.append(kw))
+    monkeypatch.setattr(sweep_cli, "compact", lambda logs, out: pl.DataFrame())
+    rc = cli.main(["sweep", "grid", "--preset", "shipped", *given, "--out", str(tmp_path / "g.parquet")])
+    if refused:
+        assert rc == 2 and not asked and f"leave out {refused} (or the preset)" in capsys.readouterr().err
+    else:  # a default given in full changes nothing
+        assert rc == 0 and asked[0]["ms"] == sweep.SHIPPED_MS
