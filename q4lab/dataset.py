@@ -13,6 +13,8 @@ from pathlib import Path
 
 import polars as pl
 
+from q4lab import launch
+
 # Provenance: which device, software and code produced the row.
 PROVENANCE = {
     "device": pl.Utf8,          # "NVIDIA H100 80GB HBM3", "cpu: <model>"
@@ -33,7 +35,7 @@ PROVENANCE = {
 # What was measured.
 MEASUREMENT = {
     "sweep": pl.Utf8,           # "grid" | "nsweep" | "repeat", or an experiment's "bench" | "configs"
-    "impl": pl.Utf8,            # one of ops.IMPLS, or "simt/r{R}m{MT}": simt at a fixed launch configuration
+    "impl": pl.Utf8,            # one of ops.IMPLS, or of launch.CONFIG_IMPLS: simt at a fixed launch configuration
     "dtype": pl.Utf8,           # activation dtype: "fp16" | "bf16" | "fp32"
     "quant_type": pl.Utf8,      # "nf4" | "fp4"
     "blocksize": pl.Int64,
@@ -111,8 +113,8 @@ def _value_rules() -> dict[str, pl.Expr]:
             & (pl.col("time_us_lo") <= pl.col("time_us") * (1 + slack))
             & (pl.col("time_us_hi") >= pl.col("time_us") * (1 - slack)),
         "M, N, K >= 1": pl.all_horizontal([pl.col(c) >= 1 for c in ("M", "N", "K")]),
-        f"impl one of {', '.join(impls)}, or simt/r{{R}}m{{MT}} (a fixed simt launch configuration)":
-            pl.col("impl").is_in(impls) | pl.col("impl").str.contains(r"^simt/r[124]m[1248]$"),
+        f"impl one of {', '.join(impls)}, or a fixed simt launch configuration ({', '.join(launch.CONFIG_IMPLS)})":
+            pl.col("impl").is_in([*impls, *launch.CONFIG_IMPLS]),
         f"dtype one of {', '.join(dtypes)}": pl.col("dtype").is_in(dtypes),
     }
 

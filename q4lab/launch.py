@@ -16,6 +16,8 @@ KERNEL_DIR = Path(os.environ.get("Q4LAB_KERNELS", Path(__file__).resolve().paren
 LAUNCH_HEADER = "q4_launch.h"
 _CONSTEXPR = re.compile(r"^constexpr\s+(?:int|double)\s+(Q4_\w+)\s*=\s*([0-9.eE+-]+)\s*;", re.M)
 SIMT_CONFIGS = tuple((R, MT) for R in (4, 2, 1) for MT in (8, 4, 2, 1))  # the launcher's order: ties keep the first
+# The simt kernel held at one configuration, as an impl name (q4lab configs): "simt/r{R}m{MT}" -> (R, MT)
+CONFIG_IMPLS = {f"simt/r{R}m{MT}": (R, MT) for R, MT in SIMT_CONFIGS}
 # Resident blocks per SM of each (rows per warp R, M tile MT) instance of v6 on sm_90, by activation dtype:
 # 128 threads a block at the ptxas register counts (90 registers at R = MT = 1 up to 255; fp32's wider
 # activation loads take more). The launcher asks the runtime (`ops.simt_blocks_per_sm` shows it on a GPU);

@@ -51,8 +51,6 @@ GRID_MS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 20
 SHIPPED_MS = tuple(m for m in GRID_MS if m <= 256)
 SHIPPED_IMPL_MAX_M = {"gemv": 64}
 TIMED_IMPLS = tuple(i for i in ops.IMPLS if i not in ("reference", "torch_int4"))  # the peer: named on demand
-# The simt kernel at one fixed launch configuration, as an impl name: "simt/r{R}m{MT}" (q4lab configs)
-CONFIG_IMPLS = tuple(f"simt/r{R}m{MT}" for R, MT in launch.SIMT_CONFIGS)
 # The `sweep` labels of M grids: the shipped grid, a re-measurement of some of its points, and the
 # experiments `q4lab bench` (any N x K) and `q4lab configs` (every simt launch configuration) run
 GRID_LABELS = ("grid", "repeat", "bench", "configs")
@@ -170,7 +168,7 @@ def _names(given, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
 
 
 def _impls(impls) -> tuple[str, ...]:
-    return TIMED_IMPLS if impls == "all" else _names(impls, ops.IMPLS + CONFIG_IMPLS, "impl")
+    return TIMED_IMPLS if impls == "all" else _names(impls, (*ops.IMPLS, *launch.CONFIG_IMPLS), "impl")
 
 
 def base_impl(impl: str) -> str:
@@ -179,9 +177,9 @@ def base_impl(impl: str) -> str:
 
 
 def impl_call(impl: str, A: torch.Tensor, w: formats.Q4Weight):
-    """A call computing A @ w^T with `impl`: an ops impl, or a CONFIG_IMPLS name."""
-    if impl in CONFIG_IMPLS:
-        R, MT = launch.SIMT_CONFIGS[CONFIG_IMPLS.index(impl)]
+    """A call computing A @ w^T with `impl`: an ops impl, or a launch.CONFIG_IMPLS name."""
+    if impl in launch.CONFIG_IMPLS:
+        R, MT = launch.CONFIG_IMPLS[impl]
         return functools.partial(ops.simt_gemm, A, w, rows_per_warp=R, m_tile=MT)
     return functools.partial(ops.gemm_4bit, A, w, impl=impl)
 

@@ -14,11 +14,10 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from q4lab import dataset, fleet, formats, ops
+from q4lab import dataset, fleet, formats, launch, ops
 from q4lab.runlog import SweepError, compact
 from q4lab.shapes import FAMILIES, sized_shape
-from q4lab.sweep import (CONFIG_IMPLS, GRID_MS, RUNNERS, SHIPPED_IMPL_MAX_M, SHIPPED_MS, TIMED_IMPLS, grid_plan,
-                         nsweep_plan)
+from q4lab.sweep import GRID_MS, RUNNERS, SHIPPED_IMPL_MAX_M, SHIPPED_MS, TIMED_IMPLS, grid_plan, nsweep_plan
 
 # `sweep grid`'s defaults (--m: None, for GRID_MS), which --preset shipped refuses to see changed
 GRID_DEFAULTS = {"shapes": "all", "m": None, "dtypes": "fp16,bf16,fp32", "impls": ",".join(TIMED_IMPLS),
@@ -257,7 +256,7 @@ def configs_command(args: argparse.Namespace) -> int:
     over N x K x M, rows labelled sweep='configs': the data the launch model (kernels/q4_launch.h) is fitted
     to. Each configuration is checked against the reference before it is timed."""
     kwargs = dict(shapes=[sized_shape(N, K, "configs") for K in args.k for N in args.n], ms=args.m, dtypes=args.dtypes,
-                  impls=["simt", *CONFIG_IMPLS], sweep="configs", **_run_options(args))
+                  impls=["simt", *launch.CONFIG_IMPLS], sweep="configs", **_run_options(args))
     rc = measure("run_grid", kwargs, args)
     frame = pl.read_parquet(args.out).filter(pl.col("sweep") == "configs")
     best = (frame.filter(pl.col("impl") != "simt").group_by("dtype", "N", "K", "M", "nested")

@@ -6,7 +6,7 @@ import re
 import polars as pl
 import pytest
 
-from q4lab import analysis, dataset, headlines
+from q4lab import analysis, dataset, headlines, launch
 from q4lab.synthetic import synthetic_dataset
 
 
@@ -55,6 +55,22 @@ def test_a_null_typed_column_is_refused(good, tmp_path):
 def test_impl_and_dtype_names_are_the_ones_ops_knows():
     from q4lab import ops
     assert dataset.op_names() == (ops.IMPLS, tuple(ops.DTYPES))
+
+
+def test_an_impl_is_an_ops_impl_or_a_launch_configuration_of_simt(good):
+    for impl in launch.CONFIG_IMPLS:
+        dataset.check_values(_with(good, [0], impl=impl))
+    for impl in ("simt/r8m1", "simt/r3m2", "simt/r1m16", "simt/r4m8/x", "simt/"):
+        with pytest.raises(dataset.DatasetError, match="fixed simt launch configuration"):
+            dataset.check_values(_with(good, [0], impl=impl))
+
+
+def test_a_launch_configuration_added_to_the_launcher_is_a_valid_impl(good, monkeypatch):
+    added = _with(good, [0], impl="simt/r8m1")
+    with pytest.raises(dataset.DatasetError, match="fixed simt launch configuration"):
+        dataset.check_values(added)
+    monkeypatch.setattr(launch, "CONFIG_IMPLS", {**launch.CONFIG_IMPLS, "simt/r8m1": (8, 1)})
+    dataset.check_values(added)
 
 
 def test_a_file_named_twice_is_read_once(good, tmp_path):

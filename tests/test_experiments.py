@@ -57,7 +57,7 @@ def test_configs_times_each_launch_configuration_beside_the_launchers_pick(tmp_p
     frame = dataset.load(out)
     assert set(frame["sweep"]) == {"configs"} and set(frame["family"]) == {"configs"}
     assert set(frame["shape"]) == {"n96_k128"}
-    assert sorted(frame["impl"]) == sorted(["simt", *sweep.CONFIG_IMPLS])
+    assert sorted(frame["impl"]) == sorted(["simt", *launch.CONFIG_IMPLS])
     assert set(fixed) == set(launch.SIMT_CONFIGS)  # each configuration ran as itself
     assert "the launcher's own pick:" in capsys.readouterr().out
 
