@@ -54,7 +54,7 @@ class ShapeProber:
             self.device = bench.as_device(device)
             self.identity = sweep.identity(self.device)
             self.log = probe_log(Path(log_dir) if log_dir else REPO / "runs", self.identity)
-            self._reload_probes()
+        self._reload_probes()  # sets `frame`, the dataset's grid rows and the probes together
         if self.frame.is_empty() and not self.live:
             raise ValueError("the shape prober needs grid rows in the dataset, or live=True on a GPU; "
                              "measure with `q4lab sweep` or pass data=PATH")
@@ -115,15 +115,13 @@ class ShapeProber:
         self.update()
 
     # ------------------------------------------------------------------------------------------- state
-    @property
-    def frame(self) -> pl.DataFrame:
-        """The dataset's grid rows and this device's probes together."""
-        return pl.concat([self.data, self.probed])
-
     def _reload_probes(self) -> None:
-        """The probes' rows: every finished point in the log, the one place they live."""
-        if self.log.exists():
+        """The probes' rows (every finished point in the log, the one place they live) and `frame`, the
+        dataset's grid rows and this device's probes together: joined here, where the probes change, since
+        every control and redraw reads it."""
+        if self.log is not None and self.log.exists():
             self.probed = runlog.finished_rows(runlog.read_log(self.log))
+        self.frame = pl.concat([self.data, self.probed])
 
     def _size_slider(self, name: str, value: int):
         """Live: any multiple of 64 up to 32768 (or the data's largest), measured on request. From data: only
@@ -336,7 +334,7 @@ class ShapeProber:
             completed = not self._cancel.is_set()
             self.step.value = (f"{what}: done" if completed else f"{what}: cancelled; every finished point is "
                                f"kept (probing it again measures only the rest)")
-        self._reload_probes()
+        self._reload_probes()  # sets `frame`, the dataset's grid rows and the probes together
         return completed
 
     def _probe_shape(self, N: int, K: int) -> shapes.Shape:

@@ -261,6 +261,18 @@ def test_a_live_prober_shows_each_step_and_saves_its_probes_as_a_dataset(monkeyp
                                 f"{prober.log.with_suffix('.parquet')}"
 
 
+def test_the_frame_takes_in_each_new_probe_and_is_not_rebuilt_by_reading_it(monkeypatch, tmp_path):
+    prober = _live_prober(monkeypatch, tmp_path, FakeTimer())
+    assert prober.frame is prober.frame                  # joined once where the probes change, not per read
+    assert set(prober.frame.select("N", "M").iter_rows()) == {(256, m) for m in widgets.LIVE_MS}
+    prober.open(320, 128)
+    prober.wait(60)
+    assert prober.status.value == "n320_k128 (N=320, K=128): measured"
+    assert set(prober.frame.select("N", "M").iter_rows()) == {(n, m) for n in (256, 320) for m in widgets.LIVE_MS}
+    assert prober.frame.equals(prober.probed)            # no dataset rows: the frame is the probes
+    assert [name for _, name in prober.shape_list.options] == ["n256_k128", "n320_k128"]  # its readers see it
+
+
 def test_saving_before_any_probe_says_so(monkeypatch, tmp_path, df):
     monkeypatch.setattr(widgets, "gpu_missing_reason", lambda: None)
     prober = widgets.ShapeProber(df, live=False)
