@@ -10,7 +10,8 @@ A notebook's parameters cell annotates every parameter with its type, one a line
 (papermill reads `name: type = default  # help` for `--help-notebook`; a help text must not contain "=").
 The next cell, which runs after the one papermill injects, calls `nbio.check(globals())`: a name papermill
 injected that the notebook does not declare, or a value of the wrong type, fails the run with a message
-naming it (papermill itself only warns about unknown names and never checks types).
+naming it (papermill itself only warns about unknown names and never checks types). `declared_parameters`
+reads the same cell from the notebook file, so `q4lab report -p` can check a parameter before any run.
 """
 from __future__ import annotations
 
@@ -64,8 +65,27 @@ def _matches(value, annotation) -> bool:
     return isinstance(value, annotation)
 
 
-def _type_name(annotation) -> str:
+def type_mismatch(value, annotation) -> str | None:
+    """None when `value` is of the parameter type `annotation`, else that type's name for the error message
+    (an int passes for a float, a bool never for an int, a tuple for a list)."""
+    if _matches(value, annotation):
+        return None
     return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+# What a parameters cell's annotations may name
+_ANNOTATION_NAMES = {"Union": typing.Union, "list": list, "str": str, "int": int, "float": float, "bool": bool}
+
+
+def declared_parameters(notebook: Path) -> dict[str, tuple[object, object]]:
+    """{parameter: (type annotation, default)} of a notebook file, read from its parameters cell: what
+    `check` holds a run to once the notebook runs, known before it does."""
+    import nbformat
+
+    cell = next(c for c in nbformat.read(notebook, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    return {node.target.id: (eval(compile(ast.Expression(node.annotation), str(notebook), "eval"),
+                                  dict(_ANNOTATION_NAMES)), ast.literal_eval(node.value))
+            for node in ast.parse(cell.source).body if isinstance(node, ast.AnnAssign)}
 
 
 def check(namespace: dict) -> dict:
@@ -82,9 +102,9 @@ def check(namespace: dict) -> dict:
                              f"(papermill --help-notebook NOTEBOOK explains each)")
     for name, annotation in declared.items():
         value = namespace.get(name)
-        if not _matches(value, annotation):
+        if (expected := type_mismatch(value, annotation)) is not None:
             raise ParameterError(f"parameter {name!r} = {value!r} is a {type(value).__name__}; "
-                                 f"it must be {_type_name(annotation)}{_accepted_form(name, annotation, value)}")
+                                 f"it must be {expected}{_accepted_form(name, annotation, value)}")
     return {name: namespace[name] for name in declared}
 
 

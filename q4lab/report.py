@@ -13,7 +13,6 @@ sees half a page.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import difflib
 import html
@@ -22,7 +21,6 @@ import re
 import sys
 import threading
 import time
-import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,8 @@ import polars as pl
 import yaml
 
 from q4lab import analysis, dataset, headlines, plots, provenance, tables, writer_lock
-from q4lab.notebook_io import RECORD_MIME, REPO, _matches, _type_name, describe, gpu_missing_reason, resolve
+from q4lab.notebook_io import (RECORD_MIME, REPO, declared_parameters, describe, gpu_missing_reason, resolve,
+                               type_mismatch)
 
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = ("crossover", "devices", "camping_outliers", "n_resonance", "shape_probe", "dispatch")
@@ -221,7 +220,8 @@ def build_reports(out_dir="reports", data=DEFAULT_DATA, notebooks=NOTEBOOKS, par
 
         def run(name: str) -> NotebookResult:
             # tables go beside the page, as CSV and parquet, where the notebook writes them
-            exports = {"export_dir": str(out.resolve())} if "export_dir" in declared_parameters(name) else {}
+            takes = declared_parameters(NOTEBOOK_DIR / f"{name}.ipynb")
+            exports = {"export_dir": str(out.resolve())} if "export_dir" in takes else {}
             params = {"data": [str(p) for p in data_files], **exports, **(parameters or {}).get(name, {})}
             with printing:
                 running[name] = time.perf_counter()
@@ -265,20 +265,6 @@ def _positive_int(text: str) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 # -p NOTEBOOK.NAME=VALUE: parameters checked against each notebook's parameters cell before anything runs
-_ANNOTATION_NAMES = {"Union": typing.Union, "list": list, "str": str, "int": int, "float": float, "bool": bool}
-
-
-def declared_parameters(name: str) -> dict[str, tuple[object, object]]:
-    """{parameter: (type annotation, default)} of notebooks/{name}.ipynb, read from its parameters cell."""
-    import nbformat
-
-    notebook = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
-    cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
-    return {node.target.id: (eval(compile(ast.Expression(node.annotation), name, "eval"), dict(_ANNOTATION_NAMES)),
-                             ast.literal_eval(node.value))
-            for node in ast.parse(cell.source).body if isinstance(node, ast.AnnAssign)}
-
-
 def _yaml(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("\n...\n").strip()
 
@@ -287,7 +273,7 @@ def parse_parameters(specs: list[str], notebooks: tuple[str, ...]) -> dict[str, 
     """{notebook: {name: value}} from `-p` specs "NOTEBOOK.NAME=VALUE" (that notebook) or "NAME=VALUE"
     (every notebook that takes NAME). VALUE is YAML (`[fp16, bf16]`, `8192`, `true`); a single value
     for a list parameter is a list of one. Names and types are checked as the notebooks check them."""
-    declared = {name: declared_parameters(name) for name in notebooks}
+    declared = {name: declared_parameters(NOTEBOOK_DIR / f"{name}.ipynb") for name in notebooks}
     found: dict[str, dict] = {name: {} for name in notebooks}
     for spec in specs:
         target, sep, text = spec.partition("=")
@@ -313,8 +299,8 @@ def parse_parameters(specs: list[str], notebooks: tuple[str, ...]) -> dict[str, 
         for name in takers:
             annotation, default = declared[name][param]
             fitted = [value] if isinstance(default, list) and not isinstance(value, list) else value
-            if not _matches(fitted, annotation):
-                raise ValueError(f"-p {spec!r}: {name}.{param} must be {_type_name(annotation)}, got {value!r}; "
+            if (expected := type_mismatch(fitted, annotation)) is not None:
+                raise ValueError(f"-p {spec!r}: {name}.{param} must be {expected}, got {value!r}; "
                                  f"write it as YAML, e.g. -p '{name}.{param}={_yaml(default)}'")
             found[name][param] = fitted
     return {name: params for name, params in found.items() if params}

@@ -65,7 +65,7 @@ def runs(synthetic, tmp_path_factory):
 
 
 def export_to(folder, notebook: str) -> dict:
-    return {"export_dir": str(folder)} if "export_dir" in report.declared_parameters(notebook) else {}
+    return {"export_dir": str(folder)} if "export_dir" in nbio.declared_parameters(REPO / "notebooks" / f"{notebook}.ipynb") else {}
 
 
 def _outputs(notebook, mime: str) -> list[str]:
