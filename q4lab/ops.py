@@ -182,6 +182,15 @@ def _unavailable_reason(impl: str, device: torch.device) -> str | None:
     return known[impl]
 
 
+def _check_runs(impl: str, A2: torch.Tensor, w: Q4Weight) -> None:
+    """Refuse, saying why, an impl that cannot take this weight and [M, K] batch (`unsupported_reason`) or
+    cannot run on A2's device (`available_impls`), before any launch could fail inside torch or the library."""
+    reason = (unsupported_reason(impl, _DTYPE_NAME[A2.dtype], w.blocksize, (w.N, w.K, A2.shape[0]))
+              or _unavailable_reason(impl, A2.device))
+    if reason:
+        raise kernels.KernelError(f"impl {impl!r} is unavailable: {reason}")
+
+
 def _check(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, impl: str) -> None:
     if impl not in IMPLS and impl != "auto":
         raise ValueError(f"unknown impl {impl!r}: choose one of {', '.join(IMPLS)} or 'auto'")
@@ -261,6 +270,7 @@ def simt_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *,
                          f"{rows_per_warp}, {m_tile}")
     _check(A, w, bias, "simt")
     A2 = A.reshape(-1, w.K)
+    _check_runs("simt", A2, w)
     out = _check_out(out, A2, w, bias) if out is not None else torch.empty(A2.shape[0], w.N, dtype=A.dtype,
                                                                            device=A.device)
     return _kernel("simt", A2, w, bias, out, rows_per_warp, m_tile).reshape(*A.shape[:-1], w.N)
@@ -312,13 +322,11 @@ def mma_gemm(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, *, 
     """The mma kernel with its grid chosen by hand (`blocks` blocks of 8-16 warps split the work evenly; 0 lets
     the library pick, as gemm_4bit(impl="mma") does). Few blocks make every warp cross many items, many
     make many warps share each item's K: both paths of the kernel's reduction."""
-    _check(A, w, bias, "mma")
-    reason = unsupported_reason("mma", _DTYPE_NAME[A.dtype], w.blocksize, (w.N, w.K, A.numel() // w.K))
-    if reason:
-        raise ValueError(reason)
     if blocks < 0:
         raise ValueError(f"blocks must be >= 0 (0: the library picks), got {blocks}")
+    _check(A, w, bias, "mma")
     A2 = A.reshape(-1, w.K)
+    _check_runs("mma", A2, w)
     out = _check_out(out, A2, w, bias) if out is not None else torch.empty(A2.shape[0], w.N, dtype=A.dtype,
                                                                            device=A.device)
     return _mma(A2, w, bias, out, blocks).reshape(*A.shape[:-1], w.N)
@@ -392,10 +400,7 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
     if impl == "auto":
         impl = auto_impl(w.N, w.K, M, A2.dtype, A2.device, w.quant_type, w.blocksize)
     if impl in (*_KERNEL_IMPL, "mma", "torch_int4") or (impl == "dequant_blas" and A2.is_cuda):
-        reason = (unsupported_reason(impl, _DTYPE_NAME[A2.dtype], w.blocksize, (w.N, w.K, M))
-                  or _unavailable_reason(impl, A2.device))
-        if reason:
-            raise kernels.KernelError(f"impl {impl!r} is unavailable: {reason}")
+        _check_runs(impl, A2, w)
     shaped = out if A.dim() == 2 else out.view(*lead, w.N)  # the caller's own `out` when A is [M, K]
     if M == 0:
         return shaped

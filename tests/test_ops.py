@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import q4lab
-from q4lab import formats, ops
+from q4lab import formats, kernels, ops
 
 
 @pytest.fixture(params=[("nf4", 64, False), ("fp4", 128, True)], ids=["nf4-64", "fp4-128-nested"])
@@ -111,6 +111,17 @@ def test_available_impls_on_the_cpu_say_why_not():
 def test_bad_calls_name_the_problem(weight, call, message):
     with pytest.raises(ValueError, match=message):
         call(weight)
+
+
+@pytest.mark.parametrize("impl, call", [("mma", ops.mma_gemm), ("simt", ops.simt_gemm)])
+def test_the_hand_launched_kernels_refuse_cpu_tensors_as_gemm_4bit_does(weight, impl, call):
+    A = torch.randn(2, 256, dtype=torch.bfloat16)
+    with pytest.raises(kernels.KernelError) as by_hand:
+        call(A, weight)
+    with pytest.raises(kernels.KernelError) as through_gemm_4bit:
+        q4lab.gemm_4bit(A, weight, impl=impl)
+    assert str(by_hand.value) == str(through_gemm_4bit.value) == (
+        f"impl '{impl}' is unavailable: needs a GPU (CUDA or ROCm torch); this device is cpu")
 
 
 def test_dense_weight_is_cached_per_weight_and_dtype(weight):
