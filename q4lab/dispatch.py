@@ -237,14 +237,20 @@ def fit(df: pl.DataFrame, impls=None, kind: str = "table", datasets=()) -> Rule:
 
 
 # ---------------------------------------------------------------------------------------------------------
+def candidates(rule: Rule, impls) -> list[str]:
+    """Of `impls`, in their order, those the fastest at a point is taken among when `rule` is scored: the
+    rule's own and every 4-bit impl of this package (all but NOT_DISPATCHED), so that rules over different
+    impls are scored alike."""
+    return [i for i in impls if i in rule.impls or i not in NOT_DISPATCHED]
+
+
 def regret(rule: Rule, df: pl.DataFrame, arch: str | None = None) -> pl.DataFrame:
-    """Per grid point of `df`: the rule's `chosen` impl, the `best` impl measured there (of the rule's impls
-    and every other 4-bit impl of the data, so that rules over different impls are scored alike), their
-    times and `regret` = time_chosen_us / time_best_us, null where the chosen impl was not measured or the
-    rule does not cover the row's arch and dtype (`chosen` null: auto uses its defaults there). `arch`
+    """Per grid point of `df`: the rule's `chosen` impl, the `best` impl measured there (of its `candidates`),
+    their times and `regret` = time_chosen_us / time_best_us, null where the chosen impl was not measured or
+    the rule does not cover the row's arch and dtype (`chosen` null: auto uses its defaults there). `arch`
     applies that arch's rule to every row (transfer to another card)."""
     present = df.filter(pl.col("sweep").is_in(GRID_SWEEPS))["impl"].unique().sort().to_list()
-    impls = list(dict.fromkeys([i for i in rule.impls if i in present] + [i for i in present if i not in NOT_DISPATCHED]))
+    impls = candidates(rule, present)
     times, _ = point_times(df, impls)
     chosen = [rule.choose(N, K, M, dtype, arch or a, q) if rule.covers(arch or a, dtype, q) else None
               for N, K, M, dtype, a, q in times.select("N", "K", "M", "dtype", "arch", "quant_type").iter_rows()]
@@ -344,10 +350,10 @@ def measured_models(df: pl.DataFrame) -> list[str]:
 def rollup(df: pl.DataFrame, rule: Rule, model: str, ms=(1, 8, 64)) -> pl.DataFrame:
     """One decode step of `model` (every weight of `shapes.model_layers` once) at each batch size in `ms`,
     per (device, dtype, quant_type): `step_us` per impl measured on all its shapes, for `auto` (the rule's
-    impl per weight) and `best` (the fastest 4-bit impl per weight); `picks` names the impls a step runs;
-    `speedup_vs_dense` = dense's step / this step (above 1: faster than the unquantized weight). Between
-    measured M each time is interpolated in log-log space (`interpolated`); an impl not measured up to M, or
-    an auto that picks an impl this device never ran, has no step time there."""
+    impl per weight) and `best` (the fastest of the rule's `candidates` per weight); `picks` names the impls
+    a step runs; `speedup_vs_dense` = dense's step / this step (above 1: faster than the unquantized weight).
+    Between measured M each time is interpolated in log-log space (`interpolated`); an impl not measured up
+    to M, or an auto that picks an impl this device never ran, has no step time there."""
     layers = model_layers(model)
     names = [s.name for s, _ in layers]
     grid = df.filter(pl.col("sweep").is_in(GRID_SWEEPS), pl.col("shape").is_in(names))
@@ -369,7 +375,7 @@ def rollup(df: pl.DataFrame, rule: Rule, model: str, ms=(1, 8, 64)) -> pl.DataFr
             picks["auto"] = [rule.choose(s.N, s.K, M, dtype, arch, quant_type) for s, _ in layers]
             times["auto"] = [times[c][j] if c in times else None for j, c in enumerate(picks["auto"])]
             interpolated["auto"] = any(interpolated.get(c, False) for c in picks["auto"])
-            reachable = [i for i in impls if i in rule.impls or i not in NOT_DISPATCHED]
+            reachable = candidates(rule, impls)
             picks["best"] = [min(reachable, key=lambda i: np.inf if times[i][j] is None else times[i][j])
                              for j in range(len(layers))]
             times["best"] = [times[i][j] for j, i in enumerate(picks["best"])]

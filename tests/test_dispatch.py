@@ -260,6 +260,19 @@ def test_rollup_sums_the_model_weights_with_log_log_interpolation(h100):
         dispatch.rollup(fp16, rule, "llama-3-8b")
 
 
+@pytest.mark.parametrize("rule_impls, candidates", [(["simt", "dequant_blas"], ["dequant_blas", "gemv", "simt"]),
+                                                    (["simt", "dense"], ["dense", "dequant_blas", "gemv", "simt"])])
+def test_regret_and_rollup_take_the_best_among_the_same_candidates(h100, rule_impls, candidates):
+    """dense, fastest on this data from M=4, is a candidate only for a rule over it; bnb, for neither."""
+    fp16 = h100.filter(pl.col("dtype") == "fp16")
+    rule = dispatch.fit(fp16, impls=rule_impls, kind="per_dtype")
+    assert dispatch.candidates(rule, sorted(fp16["impl"].unique())) == candidates
+    best = set(dispatch.regret(rule, fp16)["best"])
+    roll = dispatch.rollup(fp16, rule, "llama-3-70b", ms=(1, 64)).filter(pl.col("impl") == "best")
+    rolled = set(", ".join(roll["picks"]).split(", "))
+    assert best <= set(candidates) and rolled <= set(candidates)
+    assert ("dense" in best) == ("dense" in rolled) == ("dense" in rule_impls)
+
 def test_dispatch_fit_command_writes_a_rule_naming_its_data(planted, tmp_path, capsys):
     from q4lab import cli
 
