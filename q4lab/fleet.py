@@ -155,19 +155,26 @@ def device_dataset(out: Path, host: str, arch: str) -> Path:
     return out.with_name(f"{out.stem}.{host}.{arch}{out.suffix}")
 
 
+WRITE_WAIT_S = 60  # another driver writing the same device dataset holds it for a read and a write
+
+
 def write_rows(out: Path, rows: pl.DataFrame) -> list[Path]:
     """Add `rows` (one run's rows per device) to their devices' datasets beside `out`, replacing rows of the
     same points; return the paths."""
     written, key = [], list(runlog.Point._fields)
     for (host, arch), new in rows.group_by(["host", "arch"], maintain_order=True):
         path = device_dataset(out, host, arch)
-        if path.exists():
-            old = dataset.load(path)
-            runlog.check_dataset_identity(old, new.select(runlog.IDENTITY).row(0, named=True), path,
-                                          "move it aside, or sweep into another --out")
-            new = pl.concat([old.join(new.select(key), on=key, how="anti"), new])
-        with writer_lock.replacing(path) as partial:
-            new.write_parquet(partial)
+        # Read, merge and replace under the dataset's lock (the one `q4lab sweep compact` takes), so a second
+        # driver on the same --out waits its turn instead of dropping the other's rows.
+        with writer_lock.hold(path.with_name(f".{path.name}.lock"), f"dataset {path}", "sweep into another --out",
+                              wait_s=WRITE_WAIT_S):
+            if path.exists():
+                old = dataset.load(path)
+                runlog.check_dataset_identity(old, new.select(runlog.IDENTITY).row(0, named=True), path,
+                                              "move it aside, or sweep into another --out")
+                new = pl.concat([old.join(new.select(key), on=key, how="anti"), new])
+            with writer_lock.replacing(path) as partial:
+                new.write_parquet(partial)
         written.append(path)
     return written
 

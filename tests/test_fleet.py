@@ -126,7 +126,35 @@ def test_a_write_cut_short_leaves_the_device_dataset_whole_and_no_leftover(tmp_p
         fleet.write_rows(out, rows("box1", "sm_90", [2], 6.0))
     monkeypatch.undo()
     assert dataset.load(path)["M"].to_list() == [1]
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{path.name}.lock", path.name]  # the lock, no partial
+
+
+def test_a_second_writer_waits_for_the_dataset_lock_and_keeps_both_runs_rows(tmp_path, monkeypatch):
+    import threading
+    from q4lab import writer_lock
+    out = tmp_path / "grid.parquet"
+    [path] = fleet.write_rows(out, rows("box1", "sm_90", [1], 5.0))
+    lock = path.with_name(f".{path.name}.lock")
+    held, release = threading.Event(), threading.Event()
+
+    def other_driver():
+        with writer_lock.hold(lock, "dataset", "elsewhere"):
+            held.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=other_driver)
+    thread.start()
+    held.wait(5)
+    monkeypatch.setattr(fleet, "WRITE_WAIT_S", 0.05)
+    with pytest.raises(writer_lock.BusyError, match=r"in use by pid .*sweep into another --out"):
+        fleet.write_rows(out, rows("box1", "sm_90", [2], 6.0))
+    assert dataset.load(path)["M"].to_list() == [1]
+    monkeypatch.setattr(fleet, "WRITE_WAIT_S", 5)
+    threading.Timer(0.3, release.set).start()
+    started = time.monotonic()
+    fleet.write_rows(out, rows("box1", "sm_90", [2], 6.0))
+    thread.join()
+    assert time.monotonic() - started >= 0.25 and sorted(dataset.load(path)["M"]) == [1, 2]
 
 
 def test_a_dataset_from_before_the_host_column_loads_with_an_empty_host(tmp_path):
