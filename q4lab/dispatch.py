@@ -9,8 +9,9 @@ tell apart:
 - `per_dtype`: one step function per (arch, dtype, quant_type);
 - `shape`: per (arch, dtype, quant_type) a tree of depth <= TREE_DEPTH splitting on N or K at geometric
   midpoints between measured shapes, each leaf holding at least MIN_LEAF_SHAPES shapes;
-- `table`: the same tree grown while a split lowers the regret at all, down to one shape a leaf (a lookup
-  table of the measured shapes; a shape between them takes the leaf of the region it falls in).
+- `table`: the same tree split until every leaf holds one shape, whatever a split gains (a lookup table of
+  the measured shapes; a shape between them takes the leaf of the region it falls in). A split is still
+  chosen greedily, by its gain; one that gains nothing is kept too, since the splits below it may.
 
 Every step function minimizes the mean regret over its points, regret = time(chosen) / time(best of the
 rule's impls at that point), with at most as many M segments as impls. Points are the grid rows' medians per
@@ -187,8 +188,9 @@ def _steps(m: np.ndarray, regrets: np.ndarray, impls: list[str]) -> tuple[list, 
 
 
 def _grow(points: pl.DataFrame, regrets: np.ndarray, impls: list[str], depth: int, min_leaf_shapes: int = MIN_LEAF_SHAPES,
-          min_gain: float = MIN_GAIN) -> tuple[dict, float]:
-    """A tree over (N, K) with step-function leaves, split greedily while a split pays `min_gain`."""
+          min_gain: float | None = MIN_GAIN) -> tuple[dict, float]:
+    """A tree over (N, K) with step-function leaves, split greedily while a split pays `min_gain` (None: while
+    any split is possible)."""
     m = points["M"].to_numpy()
     steps, cost = _steps(m, regrets, impls)
     best = None
@@ -203,7 +205,7 @@ def _grow(points: pl.DataFrame, regrets: np.ndarray, impls: list[str], depth: in
             split = _steps(m[left], regrets[left], impls)[1] + _steps(m[~left], regrets[~left], impls)[1]
             if best is None or split < best[0]:
                 best = (split, feature, threshold, left)
-    if best is None or cost - best[0] <= max(min_gain * (cost - len(m)), 1e-9):
+    if best is None or (min_gain is not None and cost - best[0] <= max(min_gain * (cost - len(m)), 1e-9)):
         return {"steps": steps}, cost
     _, feature, threshold, left = best
     le, le_cost = _grow(points.filter(left), regrets[left], impls, depth - 1, min_leaf_shapes, min_gain)
@@ -228,7 +230,7 @@ def fit(df: pl.DataFrame, impls=None, kind: str = "table", datasets=()) -> Rule:
         full = (*key, *[ANY] * (3 - len(columns)))
         rows = regrets[group["_row"].to_numpy()]
         if kind == "table":  # every split that separates shapes, whatever it gains: one leaf a shape
-            trees[full] = _grow(group, rows, impls, group["shape"].n_unique(), min_leaf_shapes=1, min_gain=-1.0)[0]
+            trees[full] = _grow(group, rows, impls, group["shape"].n_unique(), min_leaf_shapes=1, min_gain=None)[0]
         else:
             trees[full] = _grow(group, rows, impls, TREE_DEPTH if kind == "shape" else 0)[0]
     provenance = {"datasets": [Path(d).name for d in datasets],

@@ -307,3 +307,16 @@ def test_one_family_cannot_be_left_out(h100):
         dispatch.cross_validate(h100.filter(pl.col("family") == "mlp_up"))
     with pytest.raises(ValueError, match="leave out one 'family' or one 'shape'"):
         dispatch.cross_validate(h100, folds="device")
+
+
+def test_the_table_rule_separates_shapes_where_no_single_split_pays():
+    """Four shapes on a 2 x 2 grid of N and K, simt winning long where exactly one of them is small: a split on
+    N or K alone leaves two halves as mixed as the whole, so only the splits below it pay, and the table must
+    still give each shape its own steps."""
+    small, large = 2048, 16384
+    grid_shapes = [(f"xor.{N}x{K}", N, K, "xor") for N in (small, large) for K in (small, large)]
+    crossovers = {("H100", name): 40 if (N == small) != (K == small) else 6 for name, N, K, _ in grid_shapes}
+    grid = synthetic.synthetic_dataset(devices=("H100",), shapes=grid_shapes, impls=("simt", "dequant_blas"),
+                                       crossovers=crossovers, floors={}, wave_tails=set(), unstable=set(), nsweep=None)
+    scored = dispatch.regret(dispatch.fit(grid, kind="table"), grid)
+    assert scored["regret"].max() <= 1.02
