@@ -370,6 +370,11 @@ def rollup(df: pl.DataFrame, rule: Rule, model: str, ms=(1, 8, 64)) -> pl.DataFr
             missing = sorted(set(names) - set(g["shape"].unique()))
             raise ValueError(f"{model} on {device} ({dtype}): no impl was measured on all its shapes ({missing} "
                              f"missing); measure them: q4lab sweep grid --shapes {','.join(missing or names)}")
+        reachable = candidates(rule, impls)
+        if not reachable:
+            raise ValueError(f"{model} on {device} ({dtype}): of the impls measured on all its shapes ({', '.join(impls)}) "
+                             f"none is one the rule picks among ({', '.join(rule.impls)}); measure one: q4lab sweep "
+                             f"grid --shapes {','.join(names)} --impls {','.join(rule.impls)}")
         for M in ms:
             times = {i: [_at(*curves[(i, n)], M) for n in names] for i in impls}
             interpolated = {i: any(M not in curves[(i, n)][0] for n in names) for i in impls}
@@ -377,7 +382,6 @@ def rollup(df: pl.DataFrame, rule: Rule, model: str, ms=(1, 8, 64)) -> pl.DataFr
             picks["auto"] = [rule.choose(s.N, s.K, M, dtype, arch, quant_type) for s, _ in layers]
             times["auto"] = [times[c][j] if c in times else None for j, c in enumerate(picks["auto"])]
             interpolated["auto"] = any(interpolated.get(c, False) for c in picks["auto"])
-            reachable = candidates(rule, impls)
             picks["best"] = [min(reachable, key=lambda i: np.inf if times[i][j] is None else times[i][j])
                              for j in range(len(layers))]
             times["best"] = [times[i][j] for j, i in enumerate(picks["best"])]
