@@ -258,7 +258,7 @@ def test_rollup_sums_the_model_weights_with_log_log_interpolation(h100):
     assert step("auto", 4096)["step_us"] is None  # beyond the largest measured M: no extrapolation
     with pytest.raises(ValueError, match=r"llama-3-8b.*\['llama-3-8b.lm_head'\] missing"):
         dispatch.rollup(fp16, rule, "llama-3-8b")
-    with pytest.raises(ValueError, match=r"\(dense, bnb\) none is one the rule picks among \(simt, dequant_blas\); "
+    with pytest.raises(ValueError, match=r"\(bnb, dense\) none is one the rule picks among \(simt, dequant_blas\); "
                                          r"measure one: q4lab sweep grid --shapes llama-3-70b.*--impls simt,dequant_blas"):
         dispatch.rollup(fp16.filter(pl.col("impl").is_in(["dense", "bnb"])), rule, "llama-3-70b")
 
