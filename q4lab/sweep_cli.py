@@ -163,7 +163,8 @@ def sweep_command(args: argparse.Namespace) -> int:
                                         impls=args.impls, quant_types=args.quant_types,
                                         sweep="repeat" if args.repeat else "grid", **common)
         if args.preset == "shipped":
-            given = [f"--{k.replace('_', '-')}" for k, default in GRID_DEFAULTS.items() if getattr(args, k) != default]
+            said = vars(args) | ({"impls": GRID_DEFAULTS["impls"]} if args.impls == "all" else {})  # 'all': the default impls
+            given = [f"--{k.replace('_', '-')}" for k, default in GRID_DEFAULTS.items() if said[k] != default]
             if given:
                 raise SweepError(f"--preset shipped fixes the grid: leave out {', '.join(given)} (or the preset)")
             kwargs |= dict(ms=SHIPPED_MS, impl_max_m=SHIPPED_IMPL_MAX_M)

@@ -96,7 +96,8 @@ def test_the_shipped_preset_measures_the_ms_the_analyses_read(tmp_path, monkeypa
 @pytest.mark.parametrize("given, refused", [
     (["--shapes", "square"], "--shapes"), (["--m", "1,2"], "--m"), (["--dtypes", "fp16"], "--dtypes"),
     (["--impls", "simt"], "--impls"), (["--quant-types", "fp4"], "--quant-types"), (["--repeat"], "--repeat"),
-    (["--dtypes", "fp16", "--repeat"], "--dtypes, --repeat"), (["--dtypes", "fp16,bf16,fp32"], None)])
+    (["--dtypes", "fp16", "--repeat"], "--dtypes, --repeat"), (["--dtypes", "fp16,bf16,fp32"], None),
+    (["--impls", "all"], None)])
 def test_the_shipped_preset_refuses_exactly_the_grid_options_changed(tmp_path, monkeypatch, capsys, given, refused):
     asked = []
     monkeypatch.setitem(sweep.RUNNERS, "run_grid", lambda **kw: asked.append(kw))
