@@ -293,7 +293,12 @@ _mma_scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 def mma_config(w: Q4Weight, M: int, dtype: torch.dtype, blocks: int = 0) -> tuple[int, int]:
     """The mma launch the library picks for this weight and batch on the current GPU: (blocks, batch rows an
     item); `blocks` > 0 is kept."""
-    return _mma_plan(torch.cuda.current_device(), _DTYPE_CODE[dtype], int(w.nested), w.N, M, w.K, blocks)[:2]
+    return _mma_launch(w, M, dtype, blocks)[:2]
+
+
+def _mma_launch(w: Q4Weight, M: int, dtype: torch.dtype, blocks: int) -> tuple[int, int, int, int]:
+    """(blocks, batch rows an item, workspace floats, tickets) of the mma launch on the current GPU."""
+    return _mma_plan(torch.cuda.current_device(), _DTYPE_CODE[dtype], int(w.nested), w.N, M, w.K, blocks)
 
 
 @functools.lru_cache(maxsize=4096)  # the plan asks the runtime for the residency: microseconds a launch
@@ -336,8 +341,7 @@ def _mma(A2: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None, out: torch.Te
     A2 = A2.contiguous()
     M = A2.shape[0]
     with torch.cuda.device(A2.device):
-        blocks, _, floats, tickets = _mma_plan(torch.cuda.current_device(), _DTYPE_CODE[A2.dtype], int(w.nested),
-                                               w.N, M, w.K, blocks)
+        blocks, _, floats, tickets = _mma_launch(w, M, A2.dtype, blocks)
     stream = torch.cuda.current_stream(A2.device).cuda_stream
     ws, tk = _mma_scratch_for(A2.device, stream, floats, tickets)
     nested = w.nested
@@ -399,8 +403,7 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
     out = torch.empty(M, w.N, dtype=A.dtype, device=A.device) if out is None else _check_out(out, A2, w, bias)
     if impl == "auto":
         impl = auto_impl(w.N, w.K, M, A2.dtype, A2.device, w.quant_type, w.blocksize)
-    if impl in (*_KERNEL_IMPL, "mma", "torch_int4") or (impl == "dequant_blas" and A2.is_cuda):
-        _check_runs(impl, A2, w)
+    _check_runs(impl, A2, w)
     shaped = out if A.dim() == 2 else out.view(*lead, w.N)  # the caller's own `out` when A is [M, K]
     if M == 0:
         return shaped
@@ -420,8 +423,5 @@ def gemm_4bit(A: torch.Tensor, w: Q4Weight, bias: torch.Tensor | None = None, im
         # addmm/mm with out= is the same BLAS call F.linear makes, without a second output buffer
         torch.addmm(bias, A2, W.t(), out=out) if bias is not None else torch.mm(A2, W.t(), out=out)
     else:
-        reason = _bnb_unavailable_reason(A2.device)
-        if reason:
-            raise RuntimeError(f"impl 'bnb' is unavailable: {reason}")
         out.copy_(_bnb(A2, w, bias))  # bitsandbytes allocates its own output
     return shaped
