@@ -166,7 +166,7 @@ def write_rows(out: Path, rows: pl.DataFrame) -> list[Path]:
         path = device_dataset(out, host, arch)
         # Read, merge and replace under the dataset's lock (the one `q4lab sweep compact` takes), so a second
         # driver on the same --out waits its turn instead of dropping the other's rows.
-        with writer_lock.hold(path.with_name(f".{path.name}.lock"), f"dataset {path}", "sweep into another --out",
+        with writer_lock.hold(writer_lock.lock_beside(path), f"dataset {path}", "sweep into another --out",
                               wait_s=WRITE_WAIT_S):
             if path.exists():
                 old = dataset.load(path)

@@ -289,7 +289,7 @@ def compact(log_path, out_path) -> pl.DataFrame:
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     # one compaction at a time reads, merges and replaces the dataset: another would drop this one's rows
-    with writer_lock.hold(out.with_name(f".{out.name}.lock"), f"dataset {out}", "compact into another --out",
+    with writer_lock.hold(writer_lock.lock_beside(out), f"dataset {out}", "compact into another --out",
                           wait_s=COMPACT_WAIT_S):
         if out.exists():
             old = dataset.load(out)

@@ -245,7 +245,7 @@ def _opened_log(log):
     with contextlib.ExitStack() as stack:
         path = Path(log) if log is not None else Path(stack.enter_context(tempfile.TemporaryDirectory())) / "log.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        stack.enter_context(writer_lock.hold(path.with_name(f".{path.name}.lock"), f"sweep log {path}",
+        stack.enter_context(writer_lock.hold(writer_lock.lock_beside(path), f"sweep log {path}",
                                              "give this sweep its own log (--log, or another --out)"))
         raw = RawLog(path)  # read only once the lock is held: no other run appends any more
         stack.callback(raw.close)

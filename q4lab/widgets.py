@@ -334,7 +334,7 @@ class ShapeProber:
             completed = not self._cancel.is_set()
             self.step.value = (f"{what}: done" if completed else f"{what}: cancelled; every finished point is "
                                f"kept (probing it again measures only the rest)")
-        self._reload_probes()  # sets `frame`, the dataset's grid rows and the probes together
+        self._reload_probes()
         return completed
 
     def _probe_shape(self, N: int, K: int) -> shapes.Shape:

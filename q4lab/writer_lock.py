@@ -24,6 +24,12 @@ class BusyError(RuntimeError):
     """Another process holds the lock."""
 
 
+def lock_beside(path: Path) -> Path:
+    """The lock file of the file at `path`, a hidden file beside it: every writer of that file holds this one."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
 @contextlib.contextmanager
 def hold(lock_path: Path, what: str, elsewhere: str, wait_s: float = 0):
     """Hold the lock at `lock_path` (created if missing) for the `with` block, waiting up to `wait_s` for
