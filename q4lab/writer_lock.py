@@ -14,10 +14,14 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import filelock
+
+
+HOLDER_WAIT_S = 1.0  # how long a refused writer waits for the holder to name itself
 
 
 class BusyError(RuntimeError):
@@ -39,7 +43,7 @@ def hold(lock_path: Path, what: str, elsewhere: str, wait_s: float = 0):
     try:
         lock.acquire(timeout=wait_s)
     except filelock.Timeout:
-        holder = lock_path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
+        holder = _holder(lock_path) or "another process"
         raise BusyError(f"{what} is in use by {holder} (lock {lock_path}): wait for that run to finish or "
                         f"stop it, or {elsewhere}") from None
     try:
@@ -50,6 +54,17 @@ def hold(lock_path: Path, what: str, elsewhere: str, wait_s: float = 0):
     finally:
         lock_path.write_text("", encoding="utf-8")
         lock.release()
+
+
+def _holder(lock_path: Path, wait_s: float = HOLDER_WAIT_S) -> str:
+    """The holder line of a held lock; a holder writes it just after taking the lock, so an empty file is
+    read again for up to `wait_s` before it is taken for an unnamed holder."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        holder = lock_path.read_text(encoding="utf-8", errors="replace").strip()
+        if holder or time.monotonic() >= deadline:
+            return holder
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager

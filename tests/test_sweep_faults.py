@@ -183,3 +183,21 @@ def test_a_k_no_blocksize_divides_is_refused_in_a_few_words(capsys):
     assert cli.main(["sweep", "nsweep", "--k", "96", "--impls", "dense", "--out", "never.parquet"]) == 2
     assert "Blocksizes that divide K: K=96: 32. Pick one (--blocksize)" in capsys.readouterr().err
     assert not Path("never.parquet").exists()
+
+
+def test_a_refused_writer_names_a_holder_that_has_not_yet_written_its_line(tmp_path):
+    """A holder takes the lock, then writes who it is: a writer refused in between waits for the line
+    instead of naming 'another process'."""
+    import threading
+
+    import filelock
+    lock_path = tmp_path / ".data.lock"
+    taken = filelock.FileLock(lock_path)
+    taken.acquire()
+    threading.Timer(0.2, lambda: lock_path.write_text("pid 4242 on host elsewhere since now\n")).start()
+    try:
+        with pytest.raises(writer_lock.BusyError, match=r"data is in use by pid 4242 on host elsewhere"):
+            with writer_lock.hold(lock_path, "data", "wait"):
+                pass
+    finally:
+        taken.release()
