@@ -16,8 +16,9 @@
 //
 // Decode: one shared-memory load per byte, i.e. per pair of weights, from a 256-entry table of packed
 // fp16/bf16 pairs (the mma operand itself), held once per lane ([byte][lane]: every lane reads its own
-// bank, so 32 random bytes never conflict). A shift and one LOP3 (mask, then or in the lane's column) build
-// the offset; the compiler adds the table's base from a register.
+// bank, so 32 random bytes never conflict). Batch tiles of 8 rows address a lookup with a PRMT (the byte
+// alone) and one IMAD (times the 128-byte row, plus the table's base and the lane's column, held in one
+// register); wider tiles, short of registers, with a shift and one LOP3, the compiler adding the base.
 //
 // Work split (stream-K): one resident block an SM, for the whole launch, fills the 32 KB table once. The
 // work is the list of (item, K tile) pairs, an item being R 16-row tiles of weights by an 8 * MT8-row
@@ -30,7 +31,9 @@
 //
 // Pipeline: each warp streams its share's weight tiles and absmax through its own ring of Q4_MMA_STAGES
 // shared-memory stages with cp.async (16 bytes a lane, L1 bypassed), Q4_MMA_STAGES - 1 stages in flight
-// while it decodes one: the loads hold no registers, so the bytes in flight do not cost occupancy.
+// while it decodes one: the loads hold no registers, so the bytes in flight do not cost occupancy. In
+// 16-warp blocks each warp issues its first stage alone before the table fill, so that every warp's first
+// stage reaches DRAM ahead of all the later ones.
 #include "q4_decode.h"
 
 constexpr int Q4_MMA_STAGES = 4;      // ring stages a warp: three in flight while one is decoded
@@ -81,6 +84,15 @@ __device__ __forceinline__ void q4_cp_async_wait() {
 #if defined(Q4_MMA_DEVICE)
   asm volatile("cp.async.wait_group %0;" :: "n"(PENDING));
 #endif
+}
+
+// A shared-memory load from a shared-window address that already holds the base.
+__device__ __forceinline__ uint32_t q4_lds32(uint32_t address) {
+  uint32_t v = 0;
+#if defined(Q4_MMA_DEVICE)
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(address));
+#endif
+  return v;
 }
 
 template <int DT>
@@ -180,8 +192,10 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
 
   const int stages = (end - begin + U - 1) / U;
   Pos issued = first;
+  // With 8 warps the later stages would then start late: they go out together.
+  constexpr int EARLY = WARPS == 16 ? 1 : ST - 1;
 #pragma unroll
-  for (int k = 0; k < ST - 1; ++k) issue(k, issued), issued = advance(issued, U);
+  for (int k = 0; k < EARLY; ++k) issue(k, issued), issued = advance(issued, U);
   {  // the table fill, while the first stages are in flight: byte x's pair to all 32 columns, each thread
      // starting at its own lane's column so that a warp's stores never share a bank
     constexpr int PARTS = THREADS / 256;
@@ -192,15 +206,20 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
     if constexpr (NESTED)
       if (part == 0) nested_code[x] = w.nested_code[x];
   }
+#pragma unroll
+  for (int k = EARLY; k < ST - 1; ++k) issue(k, issued), issued = advance(issued, U);
   __syncthreads();
 
   // The four pairs of a 32-bit word of weights (byte b: weights 2b, 2b+1 of the word's eight).
-  const uint32_t column = lane * 4;
+  const uint32_t column = lane * 4, lane_column = (uint32_t)__cvta_generic_to_shared(pair_table) + column;
   auto decode = [&](uint32_t x, uint32_t (&p)[4]) {
     const uint32_t at[4] = {x << 7, x >> 1, x >> 9, x >> 17};  // byte b at bits 7..14: its row of 128 bytes
 #pragma unroll
     for (int b = 0; b < 4; ++b)
-      p[b] = *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(pair_table) + ((at[b] & 0x7f80u) | column));
+      if constexpr (MT8 == 1)
+        p[b] = q4_lds32(((uint32_t)__byte_perm(x, 0, 0x4440 + b) << 7) + lane_column);
+      else
+        p[b] = *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(pair_table) + ((at[b] & 0x7f80u) | column));
   };
 
   auto scale_of = [&](uint32_t word, const Pos& p, int r) {
