@@ -192,7 +192,8 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
 
   const int stages = (end - begin + U - 1) / U;
   Pos issued = first;
-  // With 8 warps the later stages would then start late: they go out together.
+  // 16-warp blocks issue the first stage alone before the fill, so that it reaches DRAM first; 8-warp blocks
+  // issue all three together (their later stages would start late).
   constexpr int EARLY = WARPS == 16 ? 1 : ST - 1;
 #pragma unroll
   for (int k = 0; k < EARLY; ++k) issue(k, issued), issued = advance(issued, U);
