@@ -20,24 +20,26 @@
 // alone) and one IMAD (times the 128-byte row, plus the table's base and the lane's column, held in one
 // register); wider tiles, short of registers, with a shift and one LOP3, the compiler adding the base.
 //
-// Work split (stream-K): one resident block an SM, for the whole launch, fills the 32 KB table once. The
-// work is the list of (item, K tile) pairs, an item being R 16-row tiles of weights by an 8 * MT8-row
-// batch tile, K tiles innermost, and warp v of W takes the v-th W-th of that list: equal shares whatever
-// the shape, no wave quantization. A warp walks its share with counters, not divisions, and addresses
-// with 32-bit offsets: the ring's address arithmetic was a third of the instructions. An item whose K a warp holds whole is stored directly; otherwise each
-// warp on it writes its fp32 partial sums to its own workspace slot and the last to arrive (atomic ticket)
-// sums the slots in warp order (deterministic) and stores; it also resets the ticket, so the next launch
-// needs no clearing.
+// Work split (stream-K): one resident block an SM, for the whole launch, fills the 32 KB table once. A team
+// is one warp, or with SHARED_ACT the whole block. The work is the list of (item, K tile) pairs, an item
+// being G row tiles (one a warp of the team, R 16-row tiles each) by an 8 * MT8-row batch tile, K tiles
+// innermost, and team v of W takes the v-th W-th of that list: equal shares whatever the shape, no wave
+// quantization. A warp walks its share with counters, not divisions, and addresses with 32-bit offsets: the
+// ring's address arithmetic was a third of the instructions. A row tile whose K a team holds whole is stored
+// directly; otherwise each warp on it writes its fp32 partial sums to its own workspace slot and the last to
+// arrive (atomic ticket) sums the slots in team order (deterministic) and stores; it also resets the
+// ticket, so the next launch needs no clearing.
 //
-// Pipeline: each warp streams its share's weight tiles and absmax through its own ring of Q4_MMA_STAGES
-// shared-memory stages with cp.async (16 bytes a lane, L1 bypassed), Q4_MMA_STAGES - 1 stages in flight
-// while it decodes one: the loads hold no registers, so the bytes in flight do not cost occupancy. In
-// 16-warp blocks each warp issues its first stage alone before the table fill, so that every warp's first
-// stage reaches DRAM ahead of all the later ones.
+// Pipeline: each warp streams its row tile's weights and absmax through its own ring of shared-memory
+// stages with cp.async (16 bytes a lane, L1 bypassed), all stages but one in flight while it decodes one:
+// the loads hold no registers, so the bytes in flight do not cost occupancy. A team of one keeps its own
+// pace (a warp barrier a stage); a block team also copies its activation tiles into a ring of its own,
+// each thread a 16-byte piece, and meets at one block barrier a stage, after which the slot consumed
+// last is free for the next copies. In 16-warp blocks each warp issues its first stage alone before the
+// table fill, so that every warp's first stage reaches DRAM ahead of all the later ones.
 #include "q4_decode.h"
 
-constexpr int Q4_MMA_STAGES = 4;      // ring stages a warp: three in flight while one is decoded
-constexpr int Q4_MMA_MIN_TILES = 4;   // K tiles a warp at least, before more warps are launched
+constexpr int Q4_MMA_MIN_TILES = 4;   // K tiles a team at least, before more teams are launched
 
 // 16-row tiles an item. A stage copies U = 64 / (warps * R) K tiles of each of the item's rows, so fewer
 // rows mean longer runs of each row: the L1 pays per line touched, and four 16-row tiles of one K tile
@@ -49,12 +51,24 @@ __host__ __device__ constexpr int q4_mma_row_tiles(int mt8) { return mt8 == 2 ||
 // latencies want the warps), else 8.
 __host__ __device__ constexpr int q4_mma_warps(int mt8) { return mt8 == 1 ? 16 : 8; }
 __host__ __device__ constexpr int q4_mma_stage_tiles(int mt8) { return 64 / q4_mma_warps(mt8) / q4_mma_row_tiles(mt8); }
+// From 2 to 32 batch rows the block stages the activations once in shared memory (SHARED_ACT): its warps are
+// one team on one K range, each on its own row tile, and read them with conflict-free LDS.128 instead of each
+// warp loading 8 lines an instruction from L2. At one row the eight lane groups load one line, and warps that
+// keep their own pace stream faster; 64-row tiles' activations do not fit beside the rings.
+static bool q4_mma_shares_act(int M) { return M >= 2 && M <= 32; }
+__host__ __device__ constexpr int q4_mma_team(int mt8, bool shared_act) { return shared_act ? q4_mma_warps(mt8) : 1; }
+// Ring stages. Four for a warp of its own pace; three for a block team: four do not fit at 16-32 rows, and at
+// 8 rows a block barrier over four stages streams slower.
+__host__ __device__ constexpr int q4_mma_stages(bool shared_act) { return shared_act ? 3 : 4; }
 // A ring row: U K tiles of one weight row, padded by 32 bytes so that the 8 rows a quarter-warp reads lie
 // in distinct banks.
 __host__ __device__ constexpr int q4_mma_row_bytes(int mt8) { return 32 * q4_mma_stage_tiles(mt8) + 32; }
-// Dynamic shared memory of one block: per warp and stage, its item's rows of weights and of absmax words.
-__host__ __device__ constexpr int q4_mma_ring_bytes(int mt8) {
-  return Q4_MMA_STAGES * q4_mma_warps(mt8) * 16 * q4_mma_row_tiles(mt8) * (q4_mma_row_bytes(mt8) + 4 * q4_mma_stage_tiles(mt8));
+// Dynamic shared memory of one block: per warp and stage, its item's rows of weights and of absmax words;
+// per stage, the team's activation tiles (U K tiles of the batch tile's rows, 128 bytes each).
+__host__ __device__ constexpr int q4_mma_ring_bytes(int mt8, bool shared_act) {
+  return q4_mma_stages(shared_act) * (q4_mma_warps(mt8) * 16 * q4_mma_row_tiles(mt8) *
+                                      (q4_mma_row_bytes(mt8) + 4 * q4_mma_stage_tiles(mt8)) +
+                                      (shared_act ? q4_mma_stage_tiles(mt8) * 8 * mt8 * 128 : 0));
 }
 
 #if defined(Q4_NVIDIA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -118,41 +132,46 @@ __device__ __forceinline__ uint32_t q4_half_bits(float v) {
 }
 
 // MT8 8-column batch tiles an item (M tile 8 * MT8).
-template <int DT, int MT8, bool NESTED>
+template <int DT, int MT8, bool SHARED_ACT, bool NESTED>
 __global__ void __launch_bounds__(q4_mma_warps(MT8) * 32, 1)
 q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ bias, void* __restrict__ out,
               int M, float* __restrict__ workspace, int* __restrict__ tickets) {
 #if defined(Q4_MMA_DEVICE)
   constexpr int WARPS = q4_mma_warps(MT8), THREADS = WARPS * 32, R = q4_mma_row_tiles(MT8);
-  constexpr int U = q4_mma_stage_tiles(MT8), ST = Q4_MMA_STAGES, ROWS = 16 * R, COLS = 8 * MT8;
+  constexpr int U = q4_mma_stage_tiles(MT8), ST = q4_mma_stages(SHARED_ACT), ROWS = 16 * R, COLS = 8 * MT8;
+  constexpr int G = q4_mma_team(MT8, SHARED_ACT);
+  static_assert(!SHARED_ACT || MT8 <= 4, "64-row activation tiles do not fit beside the rings");
   static_assert(THREADS % 256 == 0 && U * R * WARPS == 64, "table fill: whole byte values a thread; ring: 64 tile rows a stage");
   __shared__ uint32_t pair_table[256 * 32];  // [byte][lane]: the pair {code[byte >> 4], code[byte & 15]}
   __shared__ float nested_code[NESTED ? 256 : 1];
   extern __shared__ __align__(16) uint8_t q4_mma_ring[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int K = w.K, KT = K / 64, row_blocks = K >> w.blocksize_log2;
-  const int row_items = (w.N + ROWS - 1) / ROWS;
-  const int T = (M + COLS - 1) / COLS * row_items * KT;  // (item, K tile) pairs, K tiles innermost
-  // W <= T warps share the pairs, each at least one (a warp past W has none), so the warps on an item are
-  // exactly warp_of(its first pair) .. warp_of(its last).
-  const int W = min((int)gridDim.x * WARPS, T), v = blockIdx.x * WARPS + warp;
-  auto start_of = [&](int x) { return (int)((long)T * x / W); };              // first pair of warp x
-  auto warp_of = [&](int i) { return (int)(((long)(i + 1) * W + T - 1) / T) - 1; };  // warp holding pair i
+  // An item is G row tiles of ROWS rows by a batch tile; warp `sub` of a team takes row tile `sub` of each.
+  const int sub = warp % G, row_items = (w.N + ROWS - 1) / ROWS, team_rows = (row_items + G - 1) / G;
+  const int T = (M + COLS - 1) / COLS * team_rows * KT;  // (item, K tile) pairs, K tiles innermost
+  // W <= T teams share the pairs, each at least one (a team past W has none), so the teams on an item are
+  // exactly team_of(its first pair) .. team_of(its last).
+  const int W = min((int)gridDim.x * (WARPS / G), T), v = blockIdx.x * (WARPS / G) + warp / G;
+  auto start_of = [&](int x) { return (int)((long)T * x / W); };              // first pair of team x
+  auto team_of = [&](int i) { return (int)(((long)(i + 1) * W + T - 1) / T) - 1; };  // team holding pair i
   const int begin = v < W ? start_of(v) : T, end = v < W ? start_of(v + 1) : T;
   constexpr int ROW_BYTES = q4_mma_row_bytes(MT8);
   uint8_t* wring = q4_mma_ring + warp * ST * ROWS * ROW_BYTES;  // [stage][row][U tiles of 32 bytes, padding]
   uint32_t* sring = reinterpret_cast<uint32_t*>(q4_mma_ring + WARPS * ST * ROWS * ROW_BYTES) + warp * ST * ROWS * U;
+  // [stage][U K tiles][COLS rows][8 chunks of 16 bytes, chunk c of row r at c ^ (r % 8): conflict-free reads]
+  uint8_t* aring = q4_mma_ring + WARPS * ST * ROWS * (ROW_BYTES + 4 * U);
 
   // A place in the share: item (row item rt, batch item ct) and K tile kt, walked forward without divisions.
   struct Pos { int rt, ct, kt; };
   auto advance = [&](Pos p, int n) {
     for (p.kt += n; p.kt >= KT; p.kt -= KT)
-      if (++p.rt == row_items) p.rt = 0, ++p.ct;
+      if (++p.rt == team_rows) p.rt = 0, ++p.ct;
     return p;
   };
-  const Pos first = {begin / KT % row_items, begin / KT / row_items, begin % KT};
+  const Pos first = {begin / KT % team_rows, begin / KT / team_rows, begin % KT};
   // Offsets below are 32-bit: N * K / 2 weight bytes and M * K activations stay under 2^32 for any LLM layer.
-  auto row_of = [&](const Pos& p, int r) { return (uint32_t)min(p.rt * ROWS + r, w.N - 1); };
+  auto row_of = [&](const Pos& p, int r) { return (uint32_t)min((p.rt * G + sub) * ROWS + r, w.N - 1); };
 
   // Copy roles, per stage of U pairs (U * 32 bytes of each of ROWS rows, contiguous while the stage stays in
   // one item): in copy c lane l fetches 16 bytes at offset 16 * (l % (2U)) of row c * 32 / (2U) + l / (2U),
@@ -163,6 +182,8 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
   constexpr int LANES_A_ROW = 2 * U, ROWS_A_COPY = 32 / LANES_A_ROW;
   const int copy_chunk = lane % LANES_A_ROW, copy_tile = copy_chunk / 2, copy_half = copy_chunk % 2;
   const int scale_tile = lane % U;
+  const int act_row = threadIdx.x / 8 % COLS, act_chunk = threadIdx.x % 8, act_tile = threadIdx.x / (COLS * 8);
+  const int act_column = 16 * (act_chunk ^ (act_row % 8));
   auto issue = [&](int stage, const Pos& at) {
     const int slot = stage % ST, i = begin + stage * U;
     if (i + copy_tile < end) {
@@ -186,6 +207,15 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
                                  : static_cast<const void*>(static_cast<const float*>(w.absmax) + b);
         q4_cp_async4(sring + (slot * ROWS + r) * U + scale_tile, src);
       }
+    }
+    if constexpr (SHARED_ACT) {  // the team's activation tiles: thread x copies chunk x % 8 of row x / 8 % COLS
+      constexpr int EVERY = THREADS / (COLS * 8);  // of every EVERY-th K tile of the stage
+      Pos p = advance(at, act_tile);
+#pragma unroll
+      for (int u = act_tile; u < U; u += EVERY, p = advance(p, EVERY))
+        if (i + u < end)
+          q4_cp_async16(aring + ((slot * U + u) * COLS + act_row) * 128 + act_column,
+                        static_cast<const uint16_t*>(A) + ((uint32_t)min(p.ct * COLS + act_row, M - 1) * (uint32_t)K + p.kt * 64 + 8 * act_chunk));
     }
     q4_cp_async_commit();  // an empty group past the end keeps the wait count uniform
   };
@@ -214,13 +244,15 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
   // The four pairs of a 32-bit word of weights (byte b: weights 2b, 2b+1 of the word's eight).
   const uint32_t column = lane * 4, lane_column = (uint32_t)__cvta_generic_to_shared(pair_table) + column;
   auto decode = [&](uint32_t x, uint32_t (&p)[4]) {
-    const uint32_t at[4] = {x << 7, x >> 1, x >> 9, x >> 17};  // byte b at bits 7..14: its row of 128 bytes
+    if constexpr (MT8 == 1) {
 #pragma unroll
-    for (int b = 0; b < 4; ++b)
-      if constexpr (MT8 == 1)
-        p[b] = q4_lds32(((uint32_t)__byte_perm(x, 0, 0x4440 + b) << 7) + lane_column);
-      else
+      for (int b = 0; b < 4; ++b) p[b] = q4_lds32(((uint32_t)__byte_perm(x, 0, 0x4440 + b) << 7) + lane_column);
+    } else {
+      const uint32_t at[4] = {x << 7, x >> 1, x >> 9, x >> 17};  // byte b at bits 7..14: its row of 128 bytes
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
         p[b] = *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(pair_table) + ((at[b] & 0x7f80u) | column));
+    }
   };
 
   auto scale_of = [&](uint32_t word, const Pos& p, int r) {
@@ -249,6 +281,12 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
     uint4 act[2][MT8];  // chunk h feeds steps 2h, 2h+1
 #pragma unroll
     for (int j = 0; j < MT8; ++j) {
+      if constexpr (SHARED_ACT) {
+        const uint8_t* a = aring + ((slot * U + u) * COLS + 8 * j + g) * 128;
+        act[0][j] = *reinterpret_cast<const uint4*>(a + 16 * ((2 * t) ^ g));
+        act[1][j] = *reinterpret_cast<const uint4*>(a + 16 * ((2 * t + 1) ^ g));
+        continue;
+      }
       const uint16_t* a = static_cast<const uint16_t*>(A) +
                           ((uint32_t)min(p.ct * COLS + 8 * j + g, M - 1) * (uint32_t)K + p.kt * 64 + 16 * t);
       act[0][j] = q4_load_cached(reinterpret_cast<const uint4*>(a));
@@ -289,24 +327,26 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
   // An item's sums are complete: store them, or, when this warp held only part of its K, leave them in its
   // workspace slot (0: the segment its share starts with, 1: the one it ends with) for the last to arrive.
   auto flush = [&](const Pos& p, int first_pair, int last_pair) {
-    const int item = p.ct * row_items + p.rt, n0 = p.rt * ROWS, m0 = p.ct * COLS;
+    const int tile = p.rt * G + sub, n0 = tile * ROWS, m0 = p.ct * COLS;
+    if (G > 1 && n0 >= w.N) return;  // a team's row tile past N: every team on its item skips it alike
+    const int item = p.ct * team_rows + p.rt, ticket = p.ct * row_items + tile;
     const int rows = min(ROWS, w.N - n0), cols = min(COLS, M - m0);
     if (first_pair % KT != 0 || last_pair % KT != KT - 1) {
-      float* mine = workspace + ((long)v * 2 + (first_pair == begin ? 0 : 1)) * ROWS * COLS;
+      float* mine = workspace + ((long)(v * G + sub) * 2 + (first_pair == begin ? 0 : 1)) * ROWS * COLS;
       each_element([&](float& a, int r, int c) { if (c < cols) mine[r * COLS + c] = a; });
       __threadfence();  // partials visible device-wide before the ticket says so
       __syncwarp();
       int arrived = 0;
-      if (lane == 0) arrived = atomicAdd(tickets + item, 1);
-      const int first = warp_of(item * KT), last = warp_of(item * KT + KT - 1);
+      if (lane == 0) arrived = atomicAdd(tickets + ticket, 1);
+      const int first = team_of(item * KT), last = team_of(item * KT + KT - 1);
       if (__shfl_sync(0xffffffffu, arrived, 0) != last - first) return;
       __threadfence();
       each_element([&](float& a, int, int) { a = 0.f; });
       for (int x = first; x <= last; ++x) {
-        const float* theirs = workspace + ((long)x * 2 + (start_of(x) >= item * KT ? 0 : 1)) * ROWS * COLS;
+        const float* theirs = workspace + ((long)(x * G + sub) * 2 + (start_of(x) >= item * KT ? 0 : 1)) * ROWS * COLS;
         each_element([&](float& a, int r, int c) { if (c < cols) a += __ldcg(theirs + r * COLS + c); });  // L2: other SMs wrote it
       }
-      if (lane == 0) tickets[item] = 0;  // ready for the next launch
+      if (lane == 0) tickets[ticket] = 0;  // ready for the next launch
     }
     each_element([&](float& a, int r, int c) {
       if (r >= rows || c >= cols) return;
@@ -317,11 +357,17 @@ q4_mma_kernel(const void* __restrict__ A, Q4Weights w, const void* __restrict__ 
   Pos at = first;
   int first_pair = begin;
   for (int k = 0; k < stages; ++k) {
-    __syncwarp();  // every lane is done with slot (k - 1) % ST before it is refilled
-    issue(k + ST - 1, issued);
+    if constexpr (SHARED_ACT) {
+      q4_cp_async_wait<ST - 2>();  // this thread's copies of stage k have landed
+      __syncthreads();  // the team's copies of stage k are visible, and slot (k - 1) % ST is free
+      issue(k + ST - 1, issued);
+    } else {
+      __syncwarp();  // every lane is done with slot (k - 1) % ST before it is refilled
+      issue(k + ST - 1, issued);
+      q4_cp_async_wait<ST - 1>();
+      __syncwarp();  // the other lanes' copies of stage k are visible
+    }
     issued = advance(issued, U);
-    q4_cp_async_wait<ST - 1>();
-    __syncwarp();  // the other lanes' copies of stage k are visible
     const int i0 = begin + k * U;
     if (at.kt + U <= KT && i0 + U <= end) {
       // The stage's U pairs are K tiles of one item and the share: a segment can only start at the first
@@ -361,27 +407,30 @@ typedef void (*q4_mma_kernel_t)(const void*, Q4Weights, const void*, void*, int,
 static int q4_mma_tiles8(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8; }
 
 template <int DT, bool NESTED>
-static q4_mma_kernel_t q4_mma_instance(int mt8) {
-  switch (mt8) {
-    case 1: return q4_mma_kernel<DT, 1, NESTED>;
-    case 2: return q4_mma_kernel<DT, 2, NESTED>;
-    case 4: return q4_mma_kernel<DT, 4, NESTED>;
-    default: return q4_mma_kernel<DT, 8, NESTED>;
+static q4_mma_kernel_t q4_mma_instance(int M) {
+  switch (q4_mma_tiles8(M)) {
+    case 1: return q4_mma_shares_act(M) ? q4_mma_kernel<DT, 1, true, NESTED> : q4_mma_kernel<DT, 1, false, NESTED>;
+    case 2: return q4_mma_kernel<DT, 2, true, NESTED>;
+    case 4: return q4_mma_kernel<DT, 4, true, NESTED>;
+    default: return q4_mma_kernel<DT, 8, false, NESTED>;
   }
 }
 
-static q4_mma_kernel_t q4_mma_instance_all(int dtype, bool nested, int mt8) {
-  if (dtype == Q4_BF16) return nested ? q4_mma_instance<Q4_BF16, true>(mt8) : q4_mma_instance<Q4_BF16, false>(mt8);
-  return nested ? q4_mma_instance<Q4_F16, true>(mt8) : q4_mma_instance<Q4_F16, false>(mt8);
+// The instance that runs M batch rows.
+static q4_mma_kernel_t q4_mma_instance_all(int dtype, bool nested, int M) {
+  if (dtype == Q4_BF16) return nested ? q4_mma_instance<Q4_BF16, true>(M) : q4_mma_instance<Q4_BF16, false>(M);
+  return nested ? q4_mma_instance<Q4_F16, true>(M) : q4_mma_instance<Q4_F16, false>(M);
 }
 
-// Blocks of one instance resident per SM on the current device, its ring's shared memory allowed first.
-static int q4_mma_residency(q4_mma_kernel_t kernel, int mt8) {
+static int q4_mma_smem_bytes(int M) { return q4_mma_ring_bytes(q4_mma_tiles8(M), q4_mma_shares_act(M)); }
+
+// Blocks of M's instance resident per SM on the current device, its ring's shared memory allowed first.
+static int q4_mma_residency(q4_mma_kernel_t kernel, int M) {
   int n = 0;
 #if defined(Q4_NVIDIA)
   const void* entry = reinterpret_cast<const void*>(kernel);
-  if (cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize, q4_mma_ring_bytes(mt8)) != q4_success ||
-      q4_occupancy(&n, entry, q4_mma_warps(mt8) * 32, q4_mma_ring_bytes(mt8)) != q4_success)
+  if (cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize, q4_mma_smem_bytes(M)) != q4_success ||
+      q4_occupancy(&n, entry, q4_mma_warps(q4_mma_tiles8(M)) * 32, q4_mma_smem_bytes(M)) != q4_success)
     return 0;
 #endif
   return n;
@@ -411,8 +460,10 @@ int q4_mma_config(int N, int M, int K, int sm_count, int blocks_per_sm, int* blo
   const int mt8 = q4_mma_tiles8(M), rows = q4_mma_item_rows(M);
   *m_tile = 8 * mt8;
   if (*blocks > 0) return 0;
-  const long pairs = (long)((M + 8 * mt8 - 1) / (8 * mt8)) * ((N + rows - 1) / rows) * (K / 64);
-  const long wanted = (pairs + Q4_MMA_MIN_TILES * q4_mma_warps(mt8) - 1) / (Q4_MMA_MIN_TILES * q4_mma_warps(mt8));
+  const int team = q4_mma_team(mt8, q4_mma_shares_act(M)), teams = q4_mma_warps(mt8) / team;  // warps a team, teams a block
+  const long team_rows = ((N + rows - 1) / rows + team - 1) / team;
+  const long pairs = (long)((M + 8 * mt8 - 1) / (8 * mt8)) * team_rows * (K / 64);
+  const long wanted = (pairs + Q4_MMA_MIN_TILES * teams - 1) / (Q4_MMA_MIN_TILES * teams);
   *blocks = (int)(wanted < (long)sm_count * blocks_per_sm ? wanted : (long)sm_count * blocks_per_sm);
   return 0;
 }
@@ -432,7 +483,7 @@ int q4_mma_plan(int dtype, int nested, int N, int M, int K, int* blocks, int* m_
   int dev = 0, sms = 0;
   if (q4_get_device(&dev) != q4_success || q4_device_attribute(&sms, q4_attr_sm_count, dev) != q4_success)
     return (int)q4_invalid_value;
-  const int mt8 = q4_mma_tiles8(M), resident = q4_mma_residency(q4_mma_instance_all(dtype, nested != 0, mt8), mt8);
+  const int resident = q4_mma_residency(q4_mma_instance_all(dtype, nested != 0, M), M);
   return q4_mma_config(N, M, K, sms, resident > 0 ? resident : 1, blocks, m_tile);
 }
 
@@ -445,13 +496,13 @@ int q4_mma_gemm(int dtype, int nested, const void* A, const uint8_t* packed, con
       (long)N * K / 2 >= (1L << 32) || (long)M * K >= (1L << 32))  // the kernel's 32-bit offsets
     return (int)q4_invalid_value;
   Q4Weights w{packed, absmax, nested_absmax, nested_code, nested_offset, code, N, K, __builtin_ctz(blocksize)};
-  const q4_mma_kernel_t kernel = q4_mma_instance_all(dtype, nested != 0, q4_mma_tiles8(M));
+  const q4_mma_kernel_t kernel = q4_mma_instance_all(dtype, nested != 0, M);
 #if defined(Q4_NVIDIA)
   // The ring exceeds the 48 KB a launch gets without asking (per device: asked on every launch).
   cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       q4_mma_ring_bytes(q4_mma_tiles8(M)));
+                       q4_mma_smem_bytes(M));
 #endif
-  kernel<<<blocks, q4_mma_warps(q4_mma_tiles8(M)) * 32, q4_mma_ring_bytes(q4_mma_tiles8(M)), static_cast<q4_stream_t>(stream)>>>(
+  kernel<<<blocks, q4_mma_warps(q4_mma_tiles8(M)) * 32, q4_mma_smem_bytes(M), static_cast<q4_stream_t>(stream)>>>(
       A, w, bias, out, M, workspace, tickets);
   return (int)q4_get_last_error();
 }

@@ -351,7 +351,7 @@ def test_cli_resources_prints_one_row_per_kernel_instance(amd_assembly):
             *counts, waves = map(int, row[1:9])  # VGPRs .. SGPR spills are whole numbers
             assert min(counts) >= 0 and 1 <= waves <= max_waves and row[9] in ("vgprs", "sgprs", "lds", "max")
         names = {r[0] for r in rows}
-        assert {"q4_gemm_kernel<DT=bf16,R=4,MT=8,NESTED=0,INTERLEAVED=1>", "q4_mma_kernel<DT=bf16,MT8=4,NESTED=1>",
+        assert {"q4_gemm_kernel<DT=bf16,R=4,MT=8,NESTED=0,INTERLEAVED=1>", "q4_mma_kernel<DT=bf16,MT8=4,SHARED_ACT=1,NESTED=1>",
                 "q4_dequant_kernel<DT=fp16,NESTED=0>"} <= names
 
 
@@ -400,6 +400,9 @@ def test_mma_launch_fills_every_sm_unless_warps_would_get_under_four_k_tiles(cud
     # 1024 x 4096 at M=1: 64 items of 16 rows x 64 K tiles = 4096 pairs, 4 a warp: 64 blocks of 16 warps
     assert mma_config(lib, 1024, 1, 4096)[1] == 64
     assert mma_config(lib, 64, 1, 64)[1] == 1
+    # 2..32 rows: a block's 16 warps are one team on 16 row tiles, so 63 row tiles make 4 team items, 4 x 64
+    # pairs, 4 a block: 64 blocks where 63 one-warp teams' pairs made 63
+    assert mma_config(lib, 1000, 2, 4096)[1] == 64 and mma_config(lib, 1000, 1, 4096)[1] == 63
     # forced blocks are kept; K must be whole 64-weight tiles, and the sizes positive
     assert mma_config(lib, 4096, 1, 4096, blocks=3)[:2] == (0, 3)
     assert mma_config(lib, 4096, 1, 4000)[0] != 0 and mma_config(lib, 0, 1, 64)[0] != 0
