@@ -143,14 +143,26 @@ def _times(times: pl.DataFrame, impls: list[str]) -> np.ndarray:
 
 def _regrets(times: pl.DataFrame, impls: list[str]) -> np.ndarray:
     """[point, impl] regrets for fitting. Where a device did not run an impl that another device of its arch
-    ran at the same (dtype, quant_type, shape, M), it takes that device's regret (an H100 grid without a new
-    impl must not veto what an H200 grid measured of it); where none did, _UNMEASURED."""
+    ran at the same (dtype, quant_type, shape, M), the missing time is estimated from the other device's,
+    scaled by the two devices' ratio over the impls both ran (geometric mean; several donors: the geometric
+    mean of their estimates). An H100 grid without a new impl then neither vetoes it nor, by ranking the
+    others against a best that lacks it, halves the weight of what an H200 grid measured of it. Where no
+    device ran an impl, its regret is _UNMEASURED."""
     t = _times(times, impls)
-    regrets = pl.DataFrame(np.where(np.isinf(t), np.nan, t / t.min(axis=1, keepdims=True)), schema=impls, orient="row")
+    filled = t.copy()
     same_point = ["arch", "dtype", "quant_type", "blocksize", "nested", "cold", "shape", "M"]
-    filled = pl.concat([times.select(same_point), regrets.fill_nan(None)], how="horizontal").select(
-        pl.col(i).fill_null(pl.col(i).mean().over(same_point)).fill_null(_UNMEASURED) for i in impls)
-    return filled.to_numpy()
+    known = np.isfinite(t)
+    point = times.select(pl.struct(same_point).rank("dense").alias("p"))["p"].to_numpy()
+    gaps = np.flatnonzero((~known).any(axis=1) & known.any(axis=1))
+    for r in gaps:
+        donors = np.flatnonzero(point == point[r])
+        for i in np.flatnonzero(~known[r]):
+            logs = [np.log(t[o, i]) + np.mean(np.log(t[r, common] / t[o, common]))
+                    for o in donors if known[o, i] and (common := known[r] & known[o]).any()]
+            if logs:
+                filled[r, i] = np.exp(np.mean(logs))
+    regrets = filled / filled.min(axis=1, keepdims=True)
+    return np.where(np.isfinite(regrets), regrets, _UNMEASURED)
 
 
 def _steps(m: np.ndarray, regrets: np.ndarray, impls: list[str]) -> tuple[list, float]:
