@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -303,6 +304,24 @@ def test_a_device_that_did_not_run_an_impl_cannot_veto_it(h100):
     rule = dispatch.fit(frame, impls=["simt", "gemv", "dequant_blas"], kind="per_dtype")
     assert [rule.choose(4096, 4096, M, "fp16", "sm_90") for M in (1, 16, 128)] == ["simt", "gemv", "dequant_blas"]
     assert rule.provenance["device"] == ["NVIDIA H100 80GB HBM3 (synthetic)", "NVIDIA H200 (synthetic)"]
+
+
+def test_a_device_without_an_impl_ranks_the_others_as_the_device_with_it_does(h100):
+    """The H100 ran simt and dequant_blas; an H200 of the same arch, twice as fast, also ran gemv. Fitting
+    takes the H100's missing gemv from the H200's, scaled by their ratio on simt and dequant_blas, so each
+    H100 point votes as the H200 point does, not as if dequant_blas or simt were the best there."""
+    h200 = h100.with_columns(pl.lit("NVIDIA H200 (synthetic)").alias("device"),
+                             *(pl.col(c) * 0.5 for c in ("time_us", "time_us_lo", "time_us_hi")))
+    gemv = h200.filter(pl.col("impl") == "simt").with_columns(
+        pl.lit("gemv").alias("impl"), *(pl.col(c) * 0.8 for c in ("time_us", "time_us_lo", "time_us_hi")))
+    frame = pl.concat([h100.filter(pl.col("impl") != "gemv"), h200.filter(pl.col("impl") != "gemv"), gemv])
+    impls = ["simt", "gemv", "dequant_blas"]
+    times, _ = dispatch.point_times(frame, impls)
+    regrets = dispatch._regrets(times, impls)
+    on = times["device"].str.contains("H100").to_numpy()
+    assert on.any() and np.isfinite(times.filter(~pl.Series(on))["gemv"].to_numpy()).all()
+    assert np.allclose(regrets[on], regrets[~on])  # point_times sorts both devices' points alike
+    assert (regrets[on, 1] < 1e6).all() and (regrets[on] >= 1).all()
 
 
 def test_one_family_cannot_be_left_out(h100):
