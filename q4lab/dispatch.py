@@ -341,6 +341,37 @@ def transfer(df: pl.DataFrame, kinds=RULE_KINDS, impls=None) -> pl.DataFrame:
     return summarize(pl.concat(parts), ("kind", "fitted_on", "scored_on"))
 
 
+
+def disagreements(df: pl.DataFrame, impls=None, tolerance: float = 1.10) -> pl.DataFrame:
+    """Points measured on two or more devices of one arch whose fastest impls differ. Only impls every one of
+    those devices ran there are compared, and a point where some device's fastest is an impl another did not
+    run is left out (nothing is known of the other's). `floor` is the least worst regret a single choice
+    gets over the devices (`floor_impl`, the choice), i.e. the best any rule keyed by arch can do at that
+    point; `beyond` marks floors above `tolerance`. `best_by_device` names each device's fastest. Sorted by
+    floor, worst first."""
+    times, impls = point_times(df, impls)
+    same_point = ["arch", "dtype", "quant_type", "blocksize", "nested", "cold", "shape", "N", "K", "M"]
+    rows = []
+    for key, group in times.group_by(same_point, maintain_order=True):
+        if group.height < 2:
+            continue
+        t = _times(group, impls)
+        common = np.isfinite(t).all(axis=0)
+        if common.sum() < 2 or not common[t.argmin(axis=1)].all():
+            continue
+        t = t[:, common]
+        names = [i for i, c in zip(impls, common) if c]
+        best = t.argmin(axis=1)
+        if len(set(best)) < 2:
+            continue
+        worst = (t / t.min(axis=1, keepdims=True)).max(axis=0)
+        rows.append({**dict(zip(same_point, key)), "floor": float(worst.min()), "floor_impl": names[int(worst.argmin())],
+                     "best_by_device": "; ".join(f"{d}: {names[b]}" for d, b in zip(group["device"], best))})
+    schema = {**{c: times.schema[c] for c in same_point}, "floor": pl.Float64, "floor_impl": pl.Utf8,
+              "best_by_device": pl.Utf8}
+    out = pl.DataFrame(rows, schema=schema, orient="row")
+    return out.with_columns((pl.col("floor") > tolerance).alias("beyond")).sort("floor", descending=True)
+
 # ---------------------------------------------------------------------------------------------------------
 # A whole model: one decode step at batch size M
 ROLLUP_SCHEMA = {"device": pl.Utf8, "dtype": pl.Utf8, "quant_type": pl.Utf8, "model": pl.Utf8, "M": pl.Int64,

@@ -90,6 +90,19 @@ def dispatch_regret(cross_validated: pl.DataFrame, folds: str = "family") -> lis
     return lines
 
 
+def dispatch_disagreements(found: pl.DataFrame, tolerance: float = 1.10) -> list[str]:
+    """`dispatch.disagreements(...)` as one sentence: how many points no rule keyed by arch can serve within
+    `tolerance` on every device, and the worst of them."""
+    if found.is_empty():
+        return ["No two devices of one arch disagree on the fastest impl at a point both measured."]
+    beyond = found.filter(pl.col("beyond"))
+    worst = found.row(0, named=True)
+    return [f"{found.height} points where devices of one arch disagree on the fastest impl; at {beyond.height} of "
+            f"them no single choice is within {tolerance:.2f}x of the best on every device. Worst: "
+            f"{worst['shape']} {worst['dtype']} M={worst['M']} ({worst['best_by_device']}): {worst['floor_impl']} "
+            f"gets {worst['floor']:.3f}x on one of them, the least any rule keyed by arch can do there."]
+
+
 def dispatch_rollup(rolled: pl.DataFrame) -> list[str]:
     """`dispatch.rollup` as one sentence per (device, dtype, batch size): auto against dense and the best."""
     lines = []

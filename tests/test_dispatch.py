@@ -324,6 +324,31 @@ def test_a_device_without_an_impl_ranks_the_others_as_the_device_with_it_does(h1
     assert (regrets[on, 1] < 1e6).all() and (regrets[on] >= 1).all()
 
 
+def test_disagreements_find_what_no_rule_keyed_by_arch_can_serve(h100):
+    """An H200 of the H100's arch where dequant_blas takes 0.7x the H100's time at M=32, where simt wins the
+    narrow shapes by less than that on the H100: there the cards' fastest impls differ, and the floor is the
+    least worst regret one choice gets on both. gemv, run on the H200 alone and made its fastest on one of
+    those shapes, leaves that point out: nothing is known of gemv on the H100."""
+    h200 = h100.with_columns(pl.lit("NVIDIA H200 (synthetic)").alias("device"))
+    narrow = sorted(h100.filter(pl.col("N") <= NARROW_N)["shape"].unique())
+    assert len(narrow) >= 2
+    at_32 = pl.col("M") == 32
+    for where, factor in (((pl.col("impl") == "dequant_blas") & at_32, 0.7),
+                          ((pl.col("impl") == "gemv") & at_32 & (pl.col("shape") == narrow[0]), 0.001)):
+        h200 = h200.with_columns(pl.when(where).then(pl.col(c) * factor).otherwise(pl.col(c))
+                                 for c in ("time_us", "time_us_lo", "time_us_hi"))
+    frame = pl.concat([h100.filter(pl.col("impl") != "gemv"), h200])
+    found = dispatch.disagreements(frame, ["simt", "gemv", "dequant_blas"])
+    assert set(found["shape"]) == set(narrow[1:]) and (found["M"] == 32).all()
+    times, impls = dispatch.point_times(frame, ["simt", "dequant_blas"])
+    for row in found.iter_rows(named=True):
+        point = times.filter(pl.col("shape") == row["shape"], pl.col("dtype") == row["dtype"], pl.col("M") == 32)
+        t = point.select(impls).to_numpy()
+        assert row["floor"] == pytest.approx((t / t.min(axis=1, keepdims=True)).max(axis=0).min())
+        assert row["beyond"] == (row["floor"] > 1.10) and "H200 (synthetic): dequant_blas" in row["best_by_device"]
+    assert found["floor"].is_sorted(descending=True)
+
+
 def test_one_family_cannot_be_left_out(h100):
     with pytest.raises(ValueError, match=r"leaving one family out needs two or more; the grid holds \['mlp_up'\]"):
         dispatch.cross_validate(h100.filter(pl.col("family") == "mlp_up"))
