@@ -402,6 +402,28 @@ def strongest_family(families: pl.DataFrame, min_flagged: int = 2) -> pl.DataFra
 
 
 # ---------------------------------------------------------------------------------------------------------
+def m_inversions(df: pl.DataFrame, impl: str = "simt", tolerance: float = 1.05) -> pl.DataFrame:
+    """Grid points where `impl` runs more than `tolerance` x slower than at some larger M of the same config
+    and shape. More rows taking less time is no property of the work: it marks an artifact of the kernel's
+    tiling or launch, or of how the point was timed, and no crossover or step rule in M can follow it. Per
+    point: `faster_m`, the larger M with the least time, its `faster_time_us`, `ratio` = time_us /
+    faster_time_us, and `stable` (both points settled). Sorted by ratio, largest first."""
+    points = _points(df, impl, GRID_SWEEPS)
+    rows = []
+    for key, g in _groups(points, (*CONFIG, "shape", "N", "K")):
+        m, t, stable = g["M"].to_numpy(), g["time_us"].to_numpy(), g["stable"].to_numpy()
+        for i in range(len(m) - 1):
+            j = i + 1 + int(np.argmin(t[i + 1:]))
+            if t[i] > tolerance * t[j]:
+                rows.append({**key, "impl": impl, "M": int(m[i]), "time_us": float(t[i]), "faster_m": int(m[j]),
+                             "faster_time_us": float(t[j]), "ratio": float(t[i] / t[j]),
+                             "stable": bool(stable[i] and stable[j])})
+    schema = {**{c: points.schema[c] for c in (*CONFIG, "shape", "N", "K")}, "impl": pl.Utf8, "M": pl.Int64,
+              "time_us": pl.Float64, "faster_m": pl.Int64, "faster_time_us": pl.Float64, "ratio": pl.Float64,
+              "stable": pl.Boolean}
+    return pl.DataFrame(rows, schema=schema, orient="row").sort("ratio", descending=True)
+
+
 def needs_remeasurement(df: pl.DataFrame) -> pl.DataFrame:
     """The rows the sweep marked unstable (between-round spread above its tolerance): no analysis flags
     them; re-run their points (`q4lab sweep` resumes) before reading anything into them."""

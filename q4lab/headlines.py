@@ -103,6 +103,21 @@ def dispatch_disagreements(found: pl.DataFrame, tolerance: float = 1.10) -> list
             f"gets {worst['floor']:.3f}x on one of them, the least any rule keyed by arch can do there."]
 
 
+def m_inversions(found: pl.DataFrame, tolerance: float = 1.05) -> list[str]:
+    """`analysis.m_inversions(...)` of several impls as one sentence per impl: how many points run slower
+    than at a larger M, the commonest (M, faster M) pair and the largest ratio."""
+    if found.is_empty():
+        return ["No impl runs slower at any grid point than at a larger M of the same shape."]
+    lines = []
+    for (impl,), g in found.group_by("impl", maintain_order=True):
+        common = g.group_by("M", "faster_m").len().sort("len", "M", descending=[True, False]).row(0, named=True)
+        worst = g.row(0, named=True)
+        lines.append(f"{impl}: {g.height} points slower than at a larger M (by more than {tolerance - 1:.0%}), most often M={common['M']} "
+                     f"against M={common['faster_m']} ({common['len']} points); the largest {worst['ratio']:.2f}x, "
+                     f"{worst['shape']} {worst['dtype']} at M={worst['M']} against M={worst['faster_m']}.")
+    return lines
+
+
 def dispatch_rollup(rolled: pl.DataFrame) -> list[str]:
     """`dispatch.rollup` as one sentence per (device, dtype, batch size): auto against dense and the best."""
     lines = []

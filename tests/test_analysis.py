@@ -135,6 +135,25 @@ def test_no_planted_effects_means_no_flags():
     assert analysis.needs_remeasurement(clean).is_empty()
 
 
+def test_m_inversions_find_exactly_a_planted_slow_batch_size(df):
+    """The synthetic times grow with M everywhere; simt made 3x slower at M=4 on one shape of one device
+    must come back as that point alone, against the larger M it is slowest against."""
+    assert all(analysis.m_inversions(df, impl).is_empty() for impl in ("simt", "dequant_blas", "gemv", "dense"))
+    shape, device = "llama-3-8b.up_proj", DEVICES["H100"]["device"]
+    slow = (pl.col("impl") == "simt") & (pl.col("shape") == shape) & (pl.col("device") == device) & (pl.col("M") == 4)
+    planted = df.with_columns(pl.when(slow).then(pl.col(c) * 3).otherwise(pl.col(c))
+                              for c in ("time_us", "time_us_lo", "time_us_hi"))
+    found = analysis.m_inversions(planted, "simt")
+    assert found.height == planted.filter(slow & (pl.col("sweep") == "grid")).select("dtype", "quant_type").n_unique()
+    points = analysis._points(planted, "simt", analysis.GRID_SWEEPS)
+    for row in found.iter_rows(named=True):
+        same = points.filter(pl.col("shape") == shape, pl.col("device") == device, pl.col("dtype") == row["dtype"])
+        larger = same.filter(pl.col("M") > 4).sort("time_us").row(0, named=True)
+        at_4 = same.filter(pl.col("M") == 4)["time_us"].item()
+        assert (row["shape"], row["device"], row["M"], row["faster_m"]) == (shape, device, 4, larger["M"])
+        assert row["ratio"] == pytest.approx(at_4 / larger["time_us"]) and row["ratio"] > 1.05
+
+
 def test_resonance_flags_exactly_the_planted_multiples(df):
     per_n, families = analysis.resonance(df)
     sweep = range(NSWEEP["n_start"], NSWEEP["n_stop"] + 1, NSWEEP["n_step"])

@@ -198,6 +198,9 @@ def test_dispatch_records_held_out_regret_transfer_and_the_roll_up(runs, synthet
     assert transfer.height == 2 * 2 * 2  # kinds x fitted on x scored on
     disagree = pl.read_parquet(out / "dispatch_disagreements.parquet")  # one device an arch: none to find
     assert disagree.is_empty() and disagree.columns == dispatch.disagreements(grid).columns
+    inversions = pl.read_parquet(out / "dispatch_m_inversions.parquet")
+    expected = pl.concat([analysis.m_inversions(grid, impl) for impl in ("dequant_blas", "gemv", "simt")])
+    assert inversions.equals(expected.sort("ratio", descending=True))
     rolled = pl.read_parquet(out / "dispatch_rollup.parquet")
     assert rolled.filter(pl.col("M") == 3)["interpolated"].all() and not rolled.filter(pl.col("M") == 8)["interpolated"].any()
     rule = dispatch.fit(grid, kind="shape")
