@@ -403,6 +403,9 @@ def test_mma_launch_fills_every_sm_unless_warps_would_get_under_four_k_tiles(cud
     # 2..32 rows: a block's 16 warps are one team on 16 row tiles, so 63 row tiles make 4 team items, 4 x 64
     # pairs, 4 a block: 64 blocks where 63 one-warp teams' pairs made 63
     assert mma_config(lib, 1000, 2, 4096)[1] == 64 and mma_config(lib, 1000, 1, 4096)[1] == 63
+    # the last team size, 32 rows (32 row tiles of 32 rows: 4 team items of 8), and the first one-warp teams
+    # above it (63 row tiles of 16 rows x 64 K tiles, 4 a warp of 8)
+    assert mma_config(lib, 1000, 32, 4096)[1] == 64 and mma_config(lib, 1000, 33, 4096)[1] == 126
     # forced blocks are kept; K must be whole 64-weight tiles, and the sizes positive
     assert mma_config(lib, 4096, 1, 4096, blocks=3)[:2] == (0, 3)
     assert mma_config(lib, 4096, 1, 4000)[0] != 0 and mma_config(lib, 0, 1, 64)[0] != 0
