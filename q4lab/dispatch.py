@@ -43,6 +43,8 @@ MIN_GAIN = 0.25  # a split must remove this share of its node's excess regret (s
 ANY = "*"         # a key field a rule does not tell apart (single: dtype and quant_type)
 SHIPPED = Path(__file__).with_name("dispatch_rule.json")
 _UNMEASURED = 1e6  # the regret of an impl not measured at a point: never worth choosing there
+# A grid point on any device of one arch: what devices of that arch measured alike
+SAME_POINT = ("arch", "dtype", "quant_type", "blocksize", "nested", "cold", "shape", "M")
 
 
 @dataclass
@@ -150,9 +152,8 @@ def _regrets(times: pl.DataFrame, impls: list[str]) -> np.ndarray:
     device ran an impl, its regret is _UNMEASURED."""
     t = _times(times, impls)
     filled = t.copy()
-    same_point = ["arch", "dtype", "quant_type", "blocksize", "nested", "cold", "shape", "M"]
     known = np.isfinite(t)
-    point = times.select(pl.struct(same_point).rank("dense").alias("p"))["p"].to_numpy()
+    point = times.select(pl.struct(SAME_POINT).rank("dense").alias("p"))["p"].to_numpy()
     gaps = np.flatnonzero((~known).any(axis=1) & known.any(axis=1))
     for r in gaps:
         donors = np.flatnonzero(point == point[r])
@@ -341,7 +342,6 @@ def transfer(df: pl.DataFrame, kinds=RULE_KINDS, impls=None) -> pl.DataFrame:
     return summarize(pl.concat(parts), ("kind", "fitted_on", "scored_on"))
 
 
-
 def disagreements(df: pl.DataFrame, impls=None, tolerance: float = 1.10) -> pl.DataFrame:
     """Points measured on two or more devices of one arch whose fastest impls differ. Only impls every one of
     those devices ran there are compared, and a point where some device's fastest is an impl another did not
@@ -350,7 +350,7 @@ def disagreements(df: pl.DataFrame, impls=None, tolerance: float = 1.10) -> pl.D
     point; `beyond` marks floors above `tolerance`. `best_by_device` names each device's fastest. Sorted by
     floor, worst first."""
     times, impls = point_times(df, impls)
-    same_point = ["arch", "dtype", "quant_type", "blocksize", "nested", "cold", "shape", "N", "K", "M"]
+    same_point = [*SAME_POINT[:-1], "N", "K", "M"]
     rows = []
     for key, group in times.group_by(same_point, maintain_order=True):
         if group.height < 2:
@@ -371,6 +371,7 @@ def disagreements(df: pl.DataFrame, impls=None, tolerance: float = 1.10) -> pl.D
               "best_by_device": pl.Utf8}
     out = pl.DataFrame(rows, schema=schema, orient="row")
     return out.with_columns((pl.col("floor") > tolerance).alias("beyond")).sort("floor", descending=True)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # A whole model: one decode step at batch size M
