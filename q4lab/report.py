@@ -19,8 +19,10 @@ import html
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ from pathlib import Path
 import jinja2
 import polars as pl
 import yaml
+from jupyter_client import AsyncKernelManager
+from jupyter_core.paths import jupyter_runtime_dir
 
 from q4lab import analysis, dataset, headlines, plots, provenance, tables, writer_lock
 from q4lab.notebook_io import (RECORD_MIME, REPO, declared_parameters, describe, gpu_missing_reason, resolve,
@@ -66,17 +70,34 @@ class NotebookResult:
     error: str | None = None  # "cell N: ErrorName: message" when the run failed
 
 
+class SocketFileKernelManager(AsyncKernelManager):
+    """A kernel that talks over unix socket files of its own name in Jupyter's runtime folder. Over TCP the
+    ports are picked before the kernel binds them, and with several kernels starting at once one of them
+    can take another's port meanwhile ("ZMQError: Address already in use": that kernel never answers)."""
+
+    def __init__(self, **kwargs):
+        if os.name != "posix":  # no unix sockets
+            super().__init__(**kwargs)
+            return
+        own_name = Path(jupyter_runtime_dir()) / f"kernel-{uuid.uuid4().hex[:12]}"
+        super().__init__(transport="ipc", ip=str(own_name), **kwargs)
+
+
 @contextlib.contextmanager
 def kernel_environment():
     """Kernels get this interpreter (the venv's python3 kernelspec before any user-level one) and can
-    import q4lab from this checkout even when it is not installed."""
-    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "PYTHONPATH")}
+    import q4lab from this checkout even when it is not installed. Their connection and socket files go to
+    a private folder, short enough for a unix socket's path, removed afterwards."""
+    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "PYTHONPATH", "JUPYTER_RUNTIME_DIR")}
     prefixed = {"JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter"), "PYTHONPATH": str(REPO)}
     for key, first in prefixed.items():
         os.environ[key] = os.pathsep.join([first, *([saved[key]] if saved[key] else [])])
+    runtime = tempfile.TemporaryDirectory(prefix="q4lab-kernels-", ignore_cleanup_errors=True)
+    os.environ["JUPYTER_RUNTIME_DIR"] = runtime.name
     try:
         yield
     finally:
+        runtime.cleanup()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -127,7 +148,8 @@ def run_notebook(name: str, out_dir: Path, parameters: dict, kernel_name: str = 
     start, error = time.perf_counter(), None
     try:
         papermill.execute_notebook(str(source), str(partial), parameters=parameters, kernel_name=kernel_name,
-                                   cwd=str(REPO), progress_bar=False, execution_timeout=timeout)
+                                   cwd=str(REPO), progress_bar=False, execution_timeout=timeout,
+                                   kernel_manager_class=SocketFileKernelManager)
     except PapermillExecutionError as err:
         first_line = next((line for line in err.source.splitlines() if line.strip()), "")
         error = f"cell {err.cell_index} (In [{err.exec_count}]: {first_line.strip()[:80]}): {err.ename}: {err.evalue}"

@@ -54,7 +54,7 @@ def runs(synthetic, tmp_path_factory):
         try:
             papermill.execute_notebook(str(REPO / "notebooks" / f"{notebook}.ipynb"), str(out / f"{name}.ipynb"),
                                        parameters={"data": str(path), **params, **export_to(out / name, notebook)},
-                                       kernel_name="python3",
+                                       kernel_name="python3", kernel_manager_class=report.SocketFileKernelManager,
                                        cwd=str(REPO), progress_bar=False)
         except PapermillExecutionError as err:
             return name, err

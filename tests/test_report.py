@@ -1,6 +1,7 @@
 """`q4lab report`: every notebook to offline HTML, an index with the headline findings, a failing notebook
 reported without stopping the others; and a real browser renders the plots with no network."""
 import argparse
+import os
 import re
 import shutil
 from html.parser import HTMLParser
@@ -234,3 +235,29 @@ def test_a_relative_out_folder_reaches_the_notebooks_absolute(tmp_path, monkeypa
     report.build_reports("rel", str(data), notebooks=("crossover",), log=lambda *a, **k: None)
     assert seen == [(tmp_path / "elsewhere" / "rel", str(tmp_path / "elsewhere" / "rel"))]
     assert (tmp_path / "elsewhere" / "rel" / "index.html").is_file()
+
+
+def test_kernels_started_together_each_bind_their_own_sockets_and_leave_nothing():
+    """Over TCP a kernel's ports could be taken by another kernel starting at the same moment; each kernel
+    here gets socket files of its own name, in a folder removed afterwards."""
+    import asyncio
+
+    async def start_execute_stop(managers):
+        await asyncio.gather(*(km.start_kernel() for km in managers))
+        try:
+            clients = [km.client() for km in managers]
+            for client in clients:
+                client.start_channels()
+            await asyncio.gather(*(client.wait_for_ready(timeout=60) for client in clients))
+            replies = await asyncio.gather(*(client.execute_interactive("6 * 7", timeout=60) for client in clients))
+            return [reply["content"]["status"] for reply in replies]
+        finally:
+            await asyncio.gather(*(km.shutdown_kernel(now=True) for km in managers))
+
+    with report.kernel_environment():
+        runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
+        managers = [report.SocketFileKernelManager(kernel_name="python3") for _ in range(3)]
+        assert {km.transport for km in managers} == {"ipc"}
+        assert len({km.ip for km in managers}) == 3 and all(Path(km.ip).parent == runtime for km in managers)
+        assert asyncio.run(start_execute_stop(managers)) == ["ok"] * 3
+    assert not runtime.exists()
