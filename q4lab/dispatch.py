@@ -2,10 +2,13 @@
 fitted to datasets, and what the choice costs against the fastest impl of every measured point.
 
 A rule holds, per (arch, dtype, quant_type), a small tree over the shape (N, K) whose leaves are step
-functions in M ("simt for M <= 12, dequant_blas above"). The rule kinds differ only in how much they may
-tell apart:
+functions in M ("simt for M <= 12, dequant_blas above"). Where the data holds several devices of one arch,
+each of them gets its own trees too, fitted to its points alone (two sm_90 cards can need different impls at
+one point: `disagreements`); a device the data does not hold takes its arch's trees, fitted to every device
+of the arch. The rule kinds differ only in how much they may tell apart:
 
-- `single`: one step function per arch, over every dtype and shape (the bitsandbytes PR's one threshold);
+- `single`: one step function per arch (and measured device), over every dtype and shape (the bitsandbytes
+  PR's one threshold);
 - `per_dtype`: one step function per (arch, dtype, quant_type);
 - `shape`: per (arch, dtype, quant_type) a tree of depth <= TREE_DEPTH splitting on N or K at geometric
   midpoints between measured shapes, each leaf holding at least MIN_LEAF_SHAPES shapes;
@@ -40,7 +43,7 @@ NOT_DISPATCHED = ("dense", "reference", "bnb", "torch_int4")  # not 4-bit impls 
 TREE_DEPTH = 3  # 2 held out worse on the H200 grid with mma (p95 regret 1.27 against 1.18)
 MIN_LEAF_SHAPES = 4
 MIN_GAIN = 0.25  # a split must remove this share of its node's excess regret (sum of regret - 1)
-ANY = "*"         # a key field a rule does not tell apart (single: dtype and quant_type)
+ANY = "*"         # a key field a rule does not tell apart (single: dtype and quant_type; device: the arch's trees)
 SHIPPED = Path(__file__).with_name("dispatch_rule.json")
 _UNMEASURED = 1e6  # the regret of an impl not measured at a point: never worth choosing there
 # A grid point on any device of one arch: what devices of that arch measured alike
@@ -51,38 +54,43 @@ SAME_POINT = ("arch", "dtype", "quant_type", "blocksize", "nested", "cold", "sha
 class Rule:
     kind: str
     impls: list[str]
-    trees: dict[tuple[str, str, str], dict]  # (arch, dtype, quant_type) -> node; ANY matches every value
+    trees: dict[tuple[str, str, str, str], dict]  # (arch, device, dtype, quant_type) -> node; ANY matches every value
     provenance: dict = field(default_factory=dict)  # datasets, kernel_hash, git_commit, devices
 
-    def _key(self, arch: str, dtype: str, quant_type: str) -> tuple[str, str, str] | None:
-        keys = ((arch, dtype, quant_type), (arch, dtype, ANY), (arch, ANY, ANY))
+    def _key(self, arch: str, dtype: str, quant_type: str, device: str) -> tuple[str, str, str, str] | None:
+        keys = ((arch, dev, d, q) for dev in dict.fromkeys((device, ANY))
+                for d, q in ((dtype, quant_type), (dtype, ANY), (ANY, ANY)))
         return next((k for k in keys if k in self.trees), None)
 
-    def covers(self, arch: str, dtype: str, quant_type: str = "nf4") -> bool:
-        return self._key(arch, dtype, quant_type) is not None
+    def covers(self, arch: str, dtype: str, quant_type: str = "nf4", device: str = ANY) -> bool:
+        return self._key(arch, dtype, quant_type, device) is not None
 
-    def tree(self, arch: str, dtype: str, quant_type: str = "nf4") -> dict:
-        key = self._key(arch, dtype, quant_type)
+    def tree(self, arch: str, dtype: str, quant_type: str = "nf4", device: str = ANY) -> dict:
+        """The tree for a device of `arch`: the one fitted to that `device` where the rule has it, else the arch's."""
+        key = self._key(arch, dtype, quant_type, device)
         if key is not None:
             return self.trees[key]
+        covered = sorted({(a, d, q) for a, _, d, q in self.trees})
         raise LookupError(f"the {self.kind} rule has nothing for arch {arch!r}, dtype {dtype!r}, {quant_type}; "
-                          f"it covers {sorted(self.trees)}: fit one on that device's data (q4lab dispatch fit)")
+                          f"it covers {covered}: fit one on that device's data (q4lab dispatch fit)")
 
-    def choose(self, N: int, K: int, M: int, dtype: str, arch: str, quant_type: str = "nf4") -> str:
-        node = self.tree(arch, dtype, quant_type)
+    def choose(self, N: int, K: int, M: int, dtype: str, arch: str, quant_type: str = "nf4", device: str = ANY) -> str:
+        node = self.tree(arch, dtype, quant_type, device)
         while "steps" not in node:
             node = node["le"] if {"N": N, "K": K}[node["feature"]] <= node["threshold"] else node["gt"]
         return next(impl for max_m, impl in node["steps"] if max_m is None or M <= max_m)
 
     def to_json(self) -> str:
-        trees = [{"arch": a, "dtype": d, "quant_type": q, "tree": t} for (a, d, q), t in sorted(self.trees.items())]
+        trees = [{"arch": a, "device": v, "dtype": d, "quant_type": q, "tree": t}
+                 for (a, v, d, q), t in sorted(self.trees.items())]
         return json.dumps({"kind": self.kind, "impls": self.impls, **self.provenance, "rules": trees}, indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str, source: str = "rule") -> Rule:
+        """A rule file; one written before rules had per-device trees holds arch trees only."""
         try:
             data = json.loads(text)
-            trees = {(r["arch"], r["dtype"], r["quant_type"]): r["tree"] for r in data.pop("rules")}
+            trees = {(r["arch"], r.get("device", ANY), r["dtype"], r["quant_type"]): r["tree"] for r in data.pop("rules")}
             return cls(data.pop("kind"), data.pop("impls"), trees, data)
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{source} is not a dispatch rule ({type(err).__name__}: {err}); write one with "
@@ -111,13 +119,14 @@ def _leaves(node: dict, bounds: dict | None = None):
 
 
 def rule_table(rule: Rule) -> pl.DataFrame:
-    """The rule as a reader wants it: one row per (arch, dtype, quant_type) and shape region, with its
-    impls in M order ("simt to M=16, dequant_blas above")."""
-    rows = [{"arch": a, "dtype": d, "quant_type": q, "shapes": where,
+    """The rule as a reader wants it: one row per (arch, device, dtype, quant_type) and shape region, with its
+    impls in M order ("simt to M=16, dequant_blas above"); device "*" is the arch's trees, for any other
+    device of it."""
+    rows = [{"arch": a, "device": v, "dtype": d, "quant_type": q, "shapes": where,
              "impl by M": ", ".join(f"{impl} to M={m}" if m is not None else (f"{impl} above" if len(steps) > 1 else impl)
                                     for m, impl in steps)}
-            for (a, d, q), tree in sorted(rule.trees.items()) for where, steps in _leaves(tree)]
-    return pl.DataFrame(rows, schema={c: pl.Utf8 for c in ("arch", "dtype", "quant_type", "shapes", "impl by M")})
+            for (a, v, d, q), tree in sorted(rule.trees.items()) for where, steps in _leaves(tree)]
+    return pl.DataFrame(rows, schema={c: pl.Utf8 for c in ("arch", "device", "dtype", "quant_type", "shapes", "impl by M")})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,18 +243,24 @@ def _key_columns(kind: str) -> tuple[str, ...]:
 
 def fit(df: pl.DataFrame, impls=None, kind: str = "table", datasets=()) -> Rule:
     """The `kind` rule over `impls` (default: every impl of the grid but NOT_DISPATCHED) fitted to the grid
-    rows of `df`; `datasets` (file names) go into its provenance with the rows' kernel hash and commit."""
+    rows of `df`: trees per arch over all its devices' points, and per device where an arch has several
+    (module doc); `datasets` (file names) go into its provenance with the rows' kernel hash and commit."""
     columns = _key_columns(kind)
     times, impls = point_times(df, impls)
     regrets = _regrets(times, impls)
+    times = times.with_row_index("_row")
+    several = times.group_by("arch").agg(pl.col("device").n_unique() > 1).filter("device")["arch"]
+    scopes = [(times.with_columns(pl.lit(ANY).alias("device")), ("arch", "device", *columns[1:])),
+              (times.filter(pl.col("arch").is_in(several)), ("arch", "device", *columns[1:]))]
     trees = {}
-    for key, group in times.with_row_index("_row").group_by(columns, maintain_order=True):
-        full = (*key, *[ANY] * (3 - len(columns)))
-        rows = regrets[group["_row"].to_numpy()]
-        if kind == "table":  # every split that separates shapes, whatever it gains: one leaf a shape
-            trees[full] = _grow(group, rows, impls, group["shape"].n_unique(), min_leaf_shapes=1, min_gain=None)[0]
-        else:
-            trees[full] = _grow(group, rows, impls, TREE_DEPTH if kind == "shape" else 0)[0]
+    for points, by in scopes:
+        for key, group in points.group_by(by, maintain_order=True):
+            rows = regrets[group["_row"].to_numpy()]
+            if kind == "table":  # every split that separates shapes, whatever it gains: one leaf a shape
+                tree = _grow(group, rows, impls, group["shape"].n_unique(), min_leaf_shapes=1, min_gain=None)[0]
+            else:
+                tree = _grow(group, rows, impls, TREE_DEPTH if kind == "shape" else 0)[0]
+            trees[(*key, *[ANY] * (4 - len(by)))] = tree
     provenance = {"datasets": [Path(d).name for d in datasets],
                   **{c: sorted(df[c].unique().to_list()) for c in ("kernel_hash", "git_commit", "device")}}
     return Rule(kind, impls, trees, provenance)
@@ -267,8 +282,8 @@ def regret(rule: Rule, df: pl.DataFrame, arch: str | None = None) -> pl.DataFram
     present = df.filter(pl.col("sweep").is_in(GRID_SWEEPS))["impl"].unique().sort().to_list()
     impls = candidates(rule, present)
     times, _ = point_times(df, impls)
-    chosen = [rule.choose(N, K, M, dtype, arch or a, q) if rule.covers(arch or a, dtype, q) else None
-              for N, K, M, dtype, a, q in times.select("N", "K", "M", "dtype", "arch", "quant_type").iter_rows()]
+    chosen = [rule.choose(N, K, M, dtype, arch or a, q, v) if rule.covers(arch or a, dtype, q) else None
+              for N, K, M, dtype, a, q, v in times.select("N", "K", "M", "dtype", "arch", "quant_type", "device").iter_rows()]
     t = _times(times, impls)
     best = t.argmin(axis=1)
     column = {impl: i for i, impl in enumerate(impls)}
@@ -423,7 +438,7 @@ def rollup(df: pl.DataFrame, rule: Rule, model: str, ms=(1, 8, 64)) -> pl.DataFr
             times = {i: [_at(*curves[(i, n)], M) for n in names] for i in impls}
             interpolated = {i: any(M not in curves[(i, n)][0] for n in names) for i in impls}
             picks = {i: [i] for i in impls}
-            picks["auto"] = [rule.choose(s.N, s.K, M, dtype, arch, quant_type) for s, _ in layers]
+            picks["auto"] = [rule.choose(s.N, s.K, M, dtype, arch, quant_type, device) for s, _ in layers]
             times["auto"] = [times[c][j] if c in times else None for j, c in enumerate(picks["auto"])]
             interpolated["auto"] = any(interpolated.get(c, False) for c in picks["auto"])
             picks["best"] = [min(reachable, key=lambda i: np.inf if times[i][j] is None else times[i][j])
@@ -462,7 +477,9 @@ def dispatch_command(args: argparse.Namespace) -> int:
     partial.write_text(rule.to_json(), encoding="utf-8")
     os.replace(partial, out)  # a reader never sees half a rule
     fitted = summarize(regret(rule, frame).with_columns(pl.lit(rule.kind).alias("kind"))).row(0, named=True)
-    print(f"wrote {out}: {rule.kind} rule over {', '.join(rule.impls)} for {', '.join(sorted({k[0] for k in rule.trees}))}, "
+    devices = sorted({v for _, v, _, _ in rule.trees} - {ANY})
+    print(f"wrote {out}: {rule.kind} rule over {', '.join(rule.impls)} for {', '.join(sorted({k[0] for k in rule.trees}))}"
+          + (f" (and, by its own points, each of {', '.join(devices)})" if devices else "") + ", "
           f"from {', '.join(p.name for p in files)}; in-sample regret mean {fitted['mean']:.4f}, p95 "
           f"{fitted['p95']:.3f}, worst {fitted['worst']:.2f} over {fitted['n_points']} points")
     return 0

@@ -91,8 +91,8 @@ def dispatch_regret(cross_validated: pl.DataFrame, folds: str = "family") -> lis
 
 
 def dispatch_disagreements(found: pl.DataFrame, tolerance: float = 1.10) -> list[str]:
-    """`dispatch.disagreements(...)` as one sentence: how many points no rule keyed by arch can serve within
-    `tolerance` on every device, and the worst of them."""
+    """`dispatch.disagreements(...)` as one sentence: at how many points no single choice (the arch's trees, which
+    a card the data lacks takes) serves every device within `tolerance`, and the worst of them."""
     if found.is_empty():
         return ["No two devices of one arch disagree on the fastest impl at a point both measured."]
     beyond = found.filter(pl.col("beyond"))
@@ -100,7 +100,8 @@ def dispatch_disagreements(found: pl.DataFrame, tolerance: float = 1.10) -> list
     return [f"{found.height} points where devices of one arch disagree on the fastest impl; at {beyond.height} of "
             f"them no single choice is within {tolerance:.2f}x of the best on every device. Worst: "
             f"{worst['shape']} {worst['dtype']} M={worst['M']} ({worst['best_by_device']}): {worst['floor_impl']} "
-            f"gets {worst['floor']:.3f}x on one of them, the least any rule keyed by arch can do there."]
+            f"gets {worst['floor']:.3f}x on one of them, the least the arch's trees can do there (each measured card "
+            f"has its own)."]
 
 
 def m_inversions(found: pl.DataFrame, tolerance: float = 1.05) -> list[str]:

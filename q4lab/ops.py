@@ -10,11 +10,12 @@
 | bnb          | bitsandbytes' matmul_4bit on the same packed weight         | where bitsandbytes runs |
 | torch_int4   | torch's _weight_int4pack_mm on the weight re-quantized to its int4 format (q4lab.int4_peer): a peer, bf16 | NVIDIA sm_80+ |
 | reference    | float64 on the CPU                                          | CPU          |
-| auto         | what the dispatch rule picks for (N, K, M, dtype, arch)      | GPU (CPU: dequant_blas) |
+| auto         | what the dispatch rule picks for (N, K, M, dtype, arch, device) | GPU (CPU: dequant_blas) |
 
 `auto` follows a rule fitted to measured data (`q4lab.dispatch`): the one shipped in
 q4lab/dispatch_rule.json (it names the datasets and kernel version it was fitted on), or the file
-Q4LAB_DISPATCH names. On an arch the rule does not cover, and where it picks an impl this device cannot
+Q4LAB_DISPATCH names. A GPU model the rule was fitted on (by its name, "NVIDIA H200") gets its own trees,
+any other its arch's. On an arch the rule does not cover, and where it picks an impl this device cannot
 run (a tensor-core impl on AMD, say), auto uses the defaults: simt up to AUTO_SIMT_MAX_M[dtype] rows on a
 GPU, dequant_blas above and on a CPU.
 """
@@ -157,6 +158,11 @@ def device_arch(device: torch.device) -> str:
     return (kernels.gpu_arch(device.index) or "") if device.type == "cuda" else platform.machine()
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU model a dataset row of `device` carries ("NVIDIA H200"); on the CPU, any (dispatch.ANY)."""
+    return torch.cuda.get_device_properties(device).name if device.type == "cuda" else dispatch.ANY
+
+
 def auto_impl(N: int, K: int, M: int, dtype: torch.dtype, device: torch.device | str,
               quant_type: str = "nf4", blocksize: int = 64) -> str:
     """The impl gemm_4bit(impl="auto") runs for an [M, K] x [N, K]^T product on `device` (module doc); an
@@ -167,7 +173,7 @@ def auto_impl(N: int, K: int, M: int, dtype: torch.dtype, device: torch.device |
     rule, arch = dispatch_rule(), device_arch(device)
     if not rule.covers(arch, name, quant_type):
         return default
-    impl = rule.choose(N, K, M, name, arch, quant_type)
+    impl = rule.choose(N, K, M, name, arch, quant_type, device_name(device))
     usable = (impl in IMPLS and _unavailable_reason(impl, device) is None
               and unsupported_reason(impl, name, blocksize, (N, K, M)) is None)
     return impl if usable else default

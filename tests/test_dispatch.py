@@ -2,6 +2,7 @@
 on narrow weights and to M=4 on wide ones), so only the shape-aware rule can be right everywhere."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -76,10 +77,10 @@ def test_auto_rows_are_the_measured_rows_of_the_rules_pick(h100):
 
 def test_single_is_one_step_function_per_arch_and_per_dtype_one_per_dtype(planted):
     single = dispatch.fit(planted, kind="single")
-    assert set(single.trees) == {("sm_90", "*", "*"), ("gfx1201", "*", "*")}
+    assert set(single.trees) == {("sm_90", "*", "*", "*"), ("gfx1201", "*", "*", "*")}  # one device an arch
     assert single.choose(2048, 2048, 1, "fp16", "gfx1201") == single.choose(2048, 2048, 1, "bf16", "gfx1201")
     per_dtype = dispatch.fit(planted, kind="per_dtype")
-    assert set(per_dtype.trees) == {(a, d, "nf4") for a in ("sm_90", "gfx1201") for d in ("fp16", "bf16")}
+    assert set(per_dtype.trees) == {(a, "*", d, "nf4") for a in ("sm_90", "gfx1201") for d in ("fp16", "bf16")}
     assert all("steps" in tree for tree in per_dtype.trees.values())
     assert "bnb" not in single.impls and "dense" not in single.impls and "simt" in single.impls
     with pytest.raises(LookupError, match="nothing for arch 'sm_80'.*q4lab dispatch fit"):
@@ -138,7 +139,7 @@ def test_json_round_trip_keeps_choices_and_provenance(planted, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # impl="auto" follows a rule: the shipped one, or the one Q4LAB_DISPATCH names
 def _write_rule(tmp_path, arch, steps, impls):
-    rule = dispatch.Rule("per_dtype", impls, {(arch, "*", "*"): {"steps": steps}})
+    rule = dispatch.Rule("per_dtype", impls, {(arch, "*", "*", "*"): {"steps": steps}})
     path = tmp_path / "rule.json"
     path.write_text(rule.to_json())
     return path
@@ -152,18 +153,24 @@ def test_the_shipped_rule_is_the_fit_of_the_shipped_data():
                               "`q4lab dispatch fit data/*.parquet --out q4lab/dispatch_rule.json` (data/README.md)")
 
 
-def test_auto_follows_the_shipped_rule_where_its_impls_run(monkeypatch):
+@pytest.mark.parametrize("card", ["NVIDIA H200", "NVIDIA H100 PCIe"])  # measured: its own trees; not: sm_90's
+def test_auto_follows_the_shipped_rule_where_its_impls_run(monkeypatch, card):
     shipped = dispatch.load_rule()
     monkeypatch.setattr(ops, "_available", {})
     monkeypatch.setattr(ops, "available_impls", lambda device, impls: dict.fromkeys(impls))
     monkeypatch.setattr(ops, "device_arch", lambda device: "sm_90")
+    monkeypatch.setattr(ops, "device_name", lambda device: card)
     monkeypatch.delenv("Q4LAB_DISPATCH", raising=False)
+    scope = card if card in shipped.provenance["device"] else "*"
+    assert scope == "*" or any(key[1] == card for key in shipped.trees)
+    assert ({id(shipped.tree("sm_90", name, "nf4", card)) for name in ("fp16", "bf16", "fp32")}
+            == {id(tree) for key, tree in shipped.trees.items() if key[:2] == ("sm_90", scope)})
     chosen = set()
     for shape in shapes.SHAPES:
         for M in (1, 4, 12, 16, 24, 48, 64, 128, 1024):
             for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
                 impl = ops.auto_impl(shape.N, shape.K, M, dtype, "cuda")
-                assert impl == shipped.choose(shape.N, shape.K, M, name, "sm_90")
+                assert impl == shipped.choose(shape.N, shape.K, M, name, "sm_90", "nf4", card)
                 chosen.add(impl)
     assert {"simt", "dequant_blas"} <= chosen
 
@@ -171,6 +178,7 @@ def test_auto_follows_the_shipped_rule_where_its_impls_run(monkeypatch):
 def test_auto_falls_back_to_the_defaults_without_a_rule_or_an_impl(monkeypatch, tmp_path):
     monkeypatch.setattr(ops, "_available", {})
     monkeypatch.setattr(ops, "device_arch", lambda device: "sm_80")  # an arch the shipped rule lacks
+    monkeypatch.setattr(ops, "device_name", lambda device: "NVIDIA A100-SXM4-80GB")
     monkeypatch.setattr(ops, "available_impls", lambda device, impls: dict.fromkeys(impls))
     limit = ops.AUTO_SIMT_MAX_M["fp16"]
     assert ops.auto_impl(4096, 4096, limit, torch.float16, "cuda") == "simt"
@@ -211,13 +219,13 @@ def test_q4lab_dispatch_overrides_the_shipped_rule_in_gemm_4bit(monkeypatch, tmp
 @pytest.mark.gpu
 def test_auto_on_the_gpu_runs_what_the_shipped_rule_picks(monkeypatch):
     monkeypatch.delenv("Q4LAB_DISPATCH", raising=False)
-    shipped, arch = dispatch.load_rule(), ops.device_arch(torch.device("cuda"))
+    shipped, arch, card = dispatch.load_rule(), ops.device_arch(torch.device("cuda")), ops.device_name(torch.device("cuda"))
     torch.manual_seed(0)
     w = formats.quantize(torch.randn(4096, 4096, device="cuda", dtype=torch.float16), "nf4", 64, False)
     ran = set()
     for M in (1, 8, 64, 512):
         try:
-            chosen = shipped.choose(w.N, w.K, M, "fp16", arch)
+            chosen = shipped.choose(w.N, w.K, M, "fp16", arch, "nf4", card)
         except LookupError:
             pytest.skip(f"the shipped rule has no {arch} entry (it covers {sorted(shipped.trees)})")
         assert ops.auto_impl(w.N, w.K, M, torch.float16, "cuda") == chosen
@@ -367,3 +375,32 @@ def test_the_table_rule_separates_shapes_where_no_single_split_pays():
                                        crossovers=crossovers, floors={}, wave_tails=set(), unstable=set(), nsweep=None)
     scored = dispatch.regret(dispatch.fit(grid, kind="table"), grid)
     assert scored["regret"].max() <= 1.02
+
+
+def test_each_measured_device_of_an_arch_gets_its_own_trees(h100, tmp_path):
+    """The H100 and a synthetic H200 disagree at M=32 on the narrow shapes (dequant_blas 0.7x there on the
+    H200): each card's own trees pick its fastest, so neither pays the other's choice; a third sm_90 card
+    takes the arch's trees, fitted to both; a rule file without device trees still loads, as arch trees."""
+    h200 = h100.with_columns(pl.lit("NVIDIA H200 (synthetic)").alias("device"))
+    h200 = h200.with_columns(pl.when((pl.col("impl") == "dequant_blas") & (pl.col("M") == 32)).then(pl.col(c) * 0.7)
+                             .otherwise(pl.col(c)) for c in ("time_us", "time_us_lo", "time_us_hi"))
+    frame = pl.concat([h100, h200])
+    impls = ["simt", "dequant_blas"]
+    found = dispatch.disagreements(frame, impls)
+    assert found.height > 0
+    rule = dispatch.fit(frame, impls, kind="table")
+    assert {key[1] for key in rule.trees} == {"*", *frame["device"].unique()}
+    scored = dispatch.regret(rule, frame.filter(pl.col("impl").is_in(impls)))
+    assert found["floor"].max() > 1.10 and scored["regret"].max() == 1.0  # one choice for both: the floor at best
+    for row in found.iter_rows(named=True):
+        picks = {device: rule.choose(row["N"], row["K"], 32, row["dtype"], "sm_90", "nf4", device)
+                 for device in frame["device"].unique()}
+        assert picks == {"NVIDIA H100 80GB HBM3 (synthetic)": "simt", "NVIDIA H200 (synthetic)": "dequant_blas"}
+        other = rule.choose(row["N"], row["K"], 32, row["dtype"], "sm_90", "nf4", "NVIDIA H100 PCIe")
+        assert other == rule.choose(row["N"], row["K"], 32, row["dtype"], "sm_90")
+    arch_only = json.loads(rule.to_json())
+    arch_only["rules"] = [{k: v for k, v in r.items() if k != "device"} for r in arch_only["rules"] if r["device"] == "*"]
+    (tmp_path / "old.json").write_text(json.dumps(arch_only))
+    old = dispatch.load_rule(tmp_path / "old.json")
+    assert set(old.trees) == {k for k in rule.trees if k[1] == "*"}
+    assert dispatch.rule_table(rule).filter(pl.col("device") != "*")["device"].n_unique() == 2

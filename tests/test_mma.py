@@ -59,11 +59,12 @@ def test_auto_leaves_mma_for_the_defaults_past_its_offsets(monkeypatch):
         def covers(self, arch, dtype, quant_type):
             return True
 
-        def choose(self, N, K, M, dtype, arch, quant_type):
+        def choose(self, N, K, M, dtype, arch, quant_type, device):
             return "mma"
 
     monkeypatch.setattr(ops, "dispatch_rule", PicksMma)
     monkeypatch.setattr(ops, "device_arch", lambda device: "sm_90")
+    monkeypatch.setattr(ops, "device_name", lambda device: "NVIDIA H200")
     monkeypatch.setitem(ops._available, torch.device("cuda"), {"mma": None})
     assert ops.auto_impl(4096, 4096, 8, torch.bfloat16, "cuda") == "mma"
     assert ops.auto_impl(4096, 1 << 15, 1 << 17, torch.bfloat16, "cuda") == "dequant_blas"
