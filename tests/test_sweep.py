@@ -235,7 +235,7 @@ def test_only_impl_bnb_imports_bitsandbytes(tmp_path):
     do it only when they ask for impl bnb."""
     rule = tmp_path / "rule.json"
     arch = ops.device_arch(torch.device("cpu"))
-    rule.write_text(dispatch.Rule("per_dtype", ["dense"], {(arch, "*", "*"): {"steps": [[None, "dense"]]}}).to_json())
+    rule.write_text(dispatch.Rule("per_dtype", ["dense"], {(arch, "*", "*", "*"): {"steps": [[None, "dense"]]}}).to_json())
     done = subprocess.run([sys.executable, "-c", NO_BNB_WORKER, repr(tuple(TINY[0]))], cwd=REPO, timeout=120,
                           env=os.environ | {"Q4LAB_DISPATCH": str(rule)}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
