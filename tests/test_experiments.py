@@ -1,12 +1,16 @@
 """`q4lab bench` and `q4lab configs`: experiments outside the shipped grid measured by the sweep (its checks,
 interleaving and log) into datasets with the usual provenance."""
+import io
+import subprocess
+import tarfile
+import tempfile
 from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
 
-from q4lab import bench, cli, dataset, launch, ops, sweep, sweep_cli
+from q4lab import bench, cli, dataset, kernels, launch, ops, sweep, sweep_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,3 +111,56 @@ def test_the_shipped_preset_refuses_exactly_the_grid_options_changed(tmp_path, m
         assert rc == 2 and not asked and f"leave out {refused} (or the preset)" in capsys.readouterr().err
     else:  # a default given in full changes nothing
         assert rc == 0 and asked[0]["ms"] == sweep.SHIPPED_MS
+
+
+# --- every kernel an experiment timed can be rebuilt -------------------------------------------------------
+VARIANTS = REPO / "data" / "experiments" / "variants"
+HASH = r"^[0-9a-f]{16}$"
+# Variants whose sources were not kept before patches were (data/README.md names them): no new ones
+SOURCES_LOST = {"07ef145029b27a3f", "1bdd22994cfb4806", "4f8a0ad534f7196f", "d9043db05097ae92", "ff2cbe324025f680"}
+
+
+def _git(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True, **kw)
+
+
+def _kernels_at(commit: str, into: Path) -> Path:
+    """kernels/ as `commit` had it, written under `into`."""
+    archive = _git("archive", commit, "kernels").stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into / "kernels"
+
+
+@pytest.fixture(scope="module")
+def history():
+    """(commits that changed kernels/, every kernel hash they shipped: source and raw-byte hashes)."""
+    try:
+        commits = _git("log", "--format=%H", "--", "kernels", text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("no git history here (a source tarball?): the variants are checked in a clone")
+    shipped = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for commit in commits:
+            folder = _kernels_at(commit, Path(tmp) / commit)
+            shipped |= {kernels.source_hash(folder), kernels.raw_byte_hash(folder)}
+    return commits, shipped
+
+
+def test_every_kernel_hash_an_experiment_timed_was_shipped_or_has_a_patch(history):
+    timed = set(pl.concat(pl.read_parquet(path, columns=["kernels"]) for path in (REPO / "data" / "experiments").glob("*.parquet"))
+                .filter(pl.col("kernels").str.contains(HASH))["kernels"])
+    patched = {p.stem for p in VARIANTS.glob("*.patch")}
+    assert timed - history[1] - patched == SOURCES_LOST, (
+        "an experiment timed kernels that are neither shipped nor kept: bash scripts/variant_patch.sh BASE DIR WHAT")
+
+
+@pytest.mark.parametrize("patch", sorted(VARIANTS.glob("*.patch")), ids=lambda p: p.stem)
+def test_a_variant_patch_on_its_base_rebuilds_the_kernels_it_names(patch, history, tmp_path):
+    what, base = patch.read_text().splitlines()[:2]
+    assert what.startswith(f"kernel variant {patch.stem}: ") and base.startswith("base: ")
+    base = base.removeprefix("base: ")
+    assert base in history[0], f"{patch.name}: its base {base} is not a commit that changed kernels/"
+    folder = _kernels_at(base, tmp_path)
+    subprocess.run(["git", "apply", str(patch)], cwd=tmp_path, check=True, capture_output=True)
+    assert kernels.source_hash(folder) == patch.stem
