@@ -87,19 +87,21 @@ def resolve(data) -> list[Path]:
 
 
 @functools.cache
-def op_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(impl names, dtype names) as q4lab/ops.py defines them in IMPLS and DTYPES, read from its source:
-    importing ops would load torch, which reading a dataset never needs."""
+def op_names() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(impl names, dtype names, kernel impl names) as q4lab/ops.py defines them in IMPLS, DTYPES and
+    KERNEL_IMPLS, read from its source: importing ops would load torch, which reading a dataset never needs."""
     tree = ast.parse((Path(__file__).parent / "ops.py").read_text(encoding="utf-8"))
     found = {node.targets[0].id: node.value for node in tree.body
              if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
-    return ast.literal_eval(found["IMPLS"]), tuple(ast.literal_eval(key) for key in found["DTYPES"].keys)
+    return (ast.literal_eval(found["IMPLS"]), tuple(ast.literal_eval(key) for key in found["DTYPES"].keys),
+            ast.literal_eval(found["KERNEL_IMPLS"]))
 
 
 def _value_rules() -> dict[str, pl.Expr]:
     """What every row must satisfy, by the sentence an error names it with."""
     times = ("time_us", "time_us_lo", "time_us_hi")
-    impls, dtypes = op_names()
+    impls, dtypes, kernel_impls = op_names()
+    variant = f"^({'|'.join(kernel_impls)})@[0-9a-f]{{16}}$"  # a kernel impl on a variant's library (kernels.variants)
     # time_us is the median of the round medians, lo/hi are p20/p80 of all samples: at least half of all
     # samples lie below the largest round median and half above the smallest, and those lie within
     # `spread` x time_us of time_us (+0.1%: the log keeps samples to 0.1 ns)
@@ -113,8 +115,9 @@ def _value_rules() -> dict[str, pl.Expr]:
             & (pl.col("time_us_lo") <= pl.col("time_us") * (1 + slack))
             & (pl.col("time_us_hi") >= pl.col("time_us") * (1 - slack)),
         "M, N, K >= 1": pl.all_horizontal([pl.col(c) >= 1 for c in ("M", "N", "K")]),
-        f"impl one of {', '.join(impls)}, or a fixed simt launch configuration ({', '.join(launch.CONFIG_IMPLS)})":
-            pl.col("impl").is_in([*impls, *launch.CONFIG_IMPLS]),
+        f"impl one of {', '.join(impls)}, a fixed simt launch configuration ({', '.join(launch.CONFIG_IMPLS)}), "
+        f"or one of {', '.join(kernel_impls)} on a kernel variant (impl@<its 16-digit kernel hash>)":
+            pl.col("impl").is_in([*impls, *launch.CONFIG_IMPLS]) | pl.col("impl").str.contains(variant),
         f"dtype one of {', '.join(dtypes)}": pl.col("dtype").is_in(dtypes),
     }
 

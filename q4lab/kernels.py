@@ -6,6 +6,10 @@ and CI builds the real thing. ctypes passes raw pointers, sizes and the current 
 
 Libraries are cached under `cache_root()` (env `Q4LAB_CACHE`, default `~/.cache/q4lab`) by kernel source
 hash + vendor + GPU targets + compiler version; `Q4LAB_LIB` names a library file to use as is.
+
+Variants: a copy of kernels/ with a change, timed beside the shipped kernels in one run. `Q4LAB_VARIANTS`
+names their folders (os.pathsep between them; `q4lab bench --kernels` sets it), `variants()` maps each one's
+source hash to its folder, and a call inside `using(folder)` runs on that folder's library.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,6 +37,7 @@ DEFAULT_CUDA_TARGETS = ("sm_80", "sm_89", "sm_90")
 # (q4_simt_config, q4_simt_blocks_per_sm: index log2(R) * 4 + log2(MT)).
 SIMT_TABLE_ORDER = tuple((R, MT) for R in (1, 2, 4) for MT in (1, 2, 4, 8))
 DTYPE_CODES = {"fp16": 0, "bf16": 1, "fp32": 2}  # activation dtypes as the C interface numbers them (q4_port.h)
+_ACTIVE_DIR: ContextVar[Path] = ContextVar("q4lab_kernel_dir", default=KERNEL_DIR)  # what library() loads
 
 
 class KernelError(RuntimeError):
@@ -233,26 +240,54 @@ def library_targets(lib: ctypes.CDLL) -> tuple[str, ...]:
     return tuple(lib.q4_targets().decode().split(","))
 
 
-@lru_cache(maxsize=1)
 def library() -> ctypes.CDLL:
-    """The library for the current GPU: `Q4LAB_LIB`, else the cache, else built now (first use)."""
+    """The library for the current GPU, built from kernels/ or from the variant folder `using` is active for."""
+    return library_for(_ACTIVE_DIR.get())
+
+
+@lru_cache(maxsize=None)
+def library_for(kernel_dir: Path) -> ctypes.CDLL:
+    """The library for the current GPU built from `kernel_dir`: `Q4LAB_LIB` (kernels/ only), else the cache,
+    else built now (first use)."""
     arch = gpu_arch()
     if arch is None:
         raise KernelError("no GPU visible to torch (torch.cuda.is_available() is False): the simt, gemv and "
                           "dequant_blas kernels need an NVIDIA or AMD GPU; use impl='reference' or 'dense' "
                           "on the CPU")
-    explicit = os.environ.get("Q4LAB_LIB")
-    path = Path(explicit) if explicit else build((arch,))
+    explicit = os.environ.get("Q4LAB_LIB") if kernel_dir == KERNEL_DIR else None
+    path = Path(explicit) if explicit else build((arch,), kernel_dir=kernel_dir)
     lib = open_library(path)
     targets = library_targets(lib)
     if arch not in targets:
         raise KernelError(f"{path} was built for {','.join(targets)}, but this GPU is {arch}: run "
                           f"`q4lab build --arch {arch}` (and unset Q4LAB_LIB if it points there)")
-    built_from = lib.q4_source_hash().decode()
-    if built_from != source_hash():
-        raise KernelError(f"{path} was built from kernel sources {built_from}, but kernels/ is now "
-                          f"{source_hash()}: run `q4lab build --force` (or point Q4LAB_LIB at a fresh build)")
+    built_from, sources_now = lib.q4_source_hash().decode(), source_hash(kernel_dir)
+    if built_from != sources_now:
+        raise KernelError(f"{path} was built from kernel sources {built_from}, but {kernel_dir} is now "
+                          f"{sources_now}: run `q4lab build --force` (or point Q4LAB_LIB at a fresh build)")
     return lib
+
+
+def variants() -> dict[str, Path]:
+    """The variant folders `Q4LAB_VARIANTS` names, by their source hash (what a variant impl's name carries:
+    "mma@<hash>")."""
+    folders = [Path(f) for f in os.environ.get("Q4LAB_VARIANTS", "").split(os.pathsep) if f]
+    return {source_hash(folder): folder for folder in folders}
+
+
+@contextmanager
+def using(kernel_dir: Path):
+    """Kernel calls inside run on the library built from `kernel_dir` (a variant of kernels/)."""
+    token = _ACTIVE_DIR.set(Path(kernel_dir))
+    try:
+        yield
+    finally:
+        _ACTIVE_DIR.reset(token)
+
+
+def active_dir() -> Path:
+    """The kernels folder library() loads from now."""
+    return _ACTIVE_DIR.get()
 
 
 def check(err: int) -> None:

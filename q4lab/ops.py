@@ -34,6 +34,7 @@ from q4lab.formats import Q4Weight
 
 # Literals: q4lab.dataset reads both names from this source to check datasets without importing torch
 IMPLS = ("simt", "mma", "gemv", "dequant_blas", "dense", "bnb", "torch_int4", "reference")
+KERNEL_IMPLS = ("simt", "mma", "gemv", "dequant_blas")  # those that run kernels/: a variant's too ("mma@<hash>")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_CODE = {DTYPES[name]: code for name, code in kernels.DTYPE_CODES.items()}
 _DTYPE_NAME = {dtype: name for name, dtype in DTYPES.items()}
@@ -304,12 +305,15 @@ def mma_config(w: Q4Weight, M: int, dtype: torch.dtype, blocks: int = 0) -> tupl
 
 def _mma_launch(w: Q4Weight, M: int, dtype: torch.dtype, blocks: int) -> tuple[int, int, int, int]:
     """(blocks, batch rows an item, workspace floats, tickets) of the mma launch on the current GPU."""
-    return _mma_plan(torch.cuda.current_device(), _DTYPE_CODE[dtype], int(w.nested), w.N, M, w.K, blocks)
+    return _mma_plan(torch.cuda.current_device(), kernels.active_dir(), _DTYPE_CODE[dtype], int(w.nested), w.N, M,
+                     w.K, blocks)
 
 
 @functools.lru_cache(maxsize=4096)  # the plan asks the runtime for the residency: microseconds a launch
-def _mma_plan(device: int, dtype: int, nested: int, N: int, M: int, K: int, blocks: int) -> tuple[int, int, int, int]:
-    """(blocks, batch rows an item, workspace floats, tickets) of the launch."""
+def _mma_plan(device: int, kernel_dir, dtype: int, nested: int, N: int, M: int, K: int,
+              blocks: int) -> tuple[int, int, int, int]:
+    """(blocks, batch rows an item, workspace floats, tickets) of the launch by the library of `kernel_dir`
+    (the active one: a variant may plan otherwise)."""
     lib = kernels.library()
     got_blocks, m_tile = ctypes.c_int(blocks), ctypes.c_int(0)
     kernels.check(lib.q4_mma_plan(dtype, nested, N, M, K, ctypes.byref(got_blocks), ctypes.byref(m_tile)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import socket
 import tempfile
 import threading
@@ -37,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 import q4lab
-from q4lab import bench, formats, launch, ops, provenance, writer_lock
+from q4lab import bench, formats, kernels, launch, ops, provenance, writer_lock
 from q4lab.checks import CHECK_TOLERANCE, CheckedRows, check_error
 from q4lab.runlog import (IDENTITY, Point, PointLog, RawLog, SweepError, check_identity, finished_rows,
                           log_identity, point_logs)
@@ -168,16 +169,28 @@ def _names(given, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
 
 
 def _impls(impls) -> tuple[str, ...]:
-    return TIMED_IMPLS if impls == "all" else _names(impls, (*ops.IMPLS, *launch.CONFIG_IMPLS), "impl")
+    if impls == "all":
+        return TIMED_IMPLS
+    on_variants = tuple(f"{impl}@{h}" for h in kernels.variants() for impl in ops.KERNEL_IMPLS)
+    return _names(impls, (*ops.IMPLS, *launch.CONFIG_IMPLS, *on_variants), "impl")
 
 
 def base_impl(impl: str) -> str:
-    """The ops impl behind an impl name ("simt" for "simt/r2m4")."""
-    return impl.partition("/")[0]
+    """The ops impl behind an impl name ("simt" for "simt/r2m4", "mma" for "mma@<variant hash>")."""
+    return re.split("[/@]", impl, maxsplit=1)[0]
 
 
 def impl_call(impl: str, A: torch.Tensor, w: formats.Q4Weight):
-    """A call computing A @ w^T with `impl`: an ops impl, or a launch.CONFIG_IMPLS name."""
+    """A call computing A @ w^T with `impl`: an ops impl, a launch.CONFIG_IMPLS name, or a kernel impl on
+    the library of a variant folder ("mma@<its hash>", `kernels.variants`)."""
+    base, _, variant = impl.partition("@")
+    if variant:
+        call, folder = impl_call(base, A, w), kernels.variants()[variant]
+
+        def on_variant():
+            with kernels.using(folder):
+                return call()
+        return on_variant
     if impl in launch.CONFIG_IMPLS:
         R, MT = launch.CONFIG_IMPLS[impl]
         return functools.partial(ops.simt_gemm, A, w, rows_per_warp=R, m_tile=MT)

@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from q4lab import dataset, fleet, formats, launch, ops
+from q4lab import dataset, fleet, formats, kernels, launch, ops
 from q4lab.runlog import SweepError, compact
 from q4lab.shapes import FAMILIES, sized_shape
 from q4lab.sweep import GRID_MS, RUNNERS, SHIPPED_IMPL_MAX_M, SHIPPED_MS, TIMED_IMPLS, grid_plan, nsweep_plan
@@ -231,15 +231,50 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--m", type=_int_list, default="1,8", help="M values (default: %(default)s)")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32", help=f"of {', '.join(ops.DTYPES)} (default: %(default)s)")
     parser.add_argument("--impls", default="all", help=f"of {', '.join(ops.IMPLS)}, or 'all' (the default)")
+    parser.add_argument("--kernels", type=lambda text: [Path(t) for t in text.split(",") if t], default=[],
+                        metavar="DIR[,DIR]", help="variant copies of kernels/ to time beside it in the same rounds: "
+                        f"each of {', '.join(ops.KERNEL_IMPLS)} asked for runs on each one's library too, as impl "
+                        "'<impl>@<its kernel hash>'")
     add_run_arguments(parser)
 
 
+def use_variants(folders: list[Path], impls) -> list[str]:
+    """Point Q4LAB_VARIANTS at `folders` (copies of kernels/ with a change) and return `impls` with each
+    kernel impl among them also on each folder's library ("mma@<hash>"), after the impls given."""
+    shipped = kernels.source_hash()
+    hashes = {}
+    for folder in folders:
+        if not folder.is_dir() or not any(folder.glob("*.cu")):
+            raise SweepError(f"--kernels {folder}: no kernel sources (*.cu) there; give a copy of kernels/ "
+                             "with the change to time")
+        h = kernels.source_hash(folder)
+        if h == shipped:
+            raise SweepError(f"--kernels {folder}: the same sources as {kernels.KERNEL_DIR} (hash {h}, comments "
+                             "aside): nothing to time beside them")
+        hashes.setdefault(h, folder.resolve())
+    given = list(TIMED_IMPLS if impls == "all" else [i for i in str(impls).split(",") if i])
+    timed = [i for i in given if i in ops.KERNEL_IMPLS]
+    if not timed:
+        raise SweepError(f"--kernels times the impls that run kernels/ ({', '.join(ops.KERNEL_IMPLS)}); "
+                         f"--impls {impls} names none of them")
+    os.environ["Q4LAB_VARIANTS"] = os.pathsep.join(str(f) for f in hashes.values())
+    for h, folder in hashes.items():
+        print(f"variant {h}: {folder} (impls {', '.join(f'{i}@{h}' for i in timed)}; keep it for the record: "
+              f"bash scripts/variant_patch.sh BASE {folder} \"what it changes\")")
+    return [*given, *(f"{i}@{h}" for h in hashes for i in timed)]
+
+
 def bench_command(args: argparse.Namespace) -> int:
-    """Every impl on NxK sizes outside the shape catalogue, rows labelled sweep='bench'. Time an
-    experiment's kernels/ beside the shipped one with Q4LAB_KERNELS=DIR into another dataset: the rows'
-    kernel_hash tells them apart."""
+    """Every impl on NxK sizes outside the shape catalogue, rows labelled sweep='bench'. `--kernels DIR`
+    times a variant of kernels/ beside the shipped one, interleaved in the same rounds: its rows' impl names
+    it ("mma@<hash>"), while kernel_hash stays the shipped kernels'."""
+    impls = args.impls
+    if args.kernels:
+        if args.ray:
+            raise SweepError("--kernels times variants built on this machine: leave out --ray (or --kernels)")
+        impls = use_variants(args.kernels, impls)
     kwargs = dict(shapes=[sized_shape(N, K, "bench") for N, K in args.shapes], ms=args.m, dtypes=args.dtypes,
-                  impls=args.impls, sweep="bench", **_run_options(args))
+                  impls=impls, sweep="bench", **_run_options(args))
     return measure("run_grid", kwargs, args)
 
 

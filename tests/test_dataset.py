@@ -54,7 +54,7 @@ def test_a_null_typed_column_is_refused(good, tmp_path):
 
 def test_impl_and_dtype_names_are_the_ones_ops_knows():
     from q4lab import ops
-    assert dataset.op_names() == (ops.IMPLS, tuple(ops.DTYPES))
+    assert dataset.op_names() == (ops.IMPLS, tuple(ops.DTYPES), ops.KERNEL_IMPLS)
 
 
 def test_an_impl_is_an_ops_impl_or_a_launch_configuration_of_simt(good):

@@ -161,3 +161,70 @@ def test_a_variant_patch_on_its_base_rebuilds_the_kernels_it_names(patch, histor
     folder = _kernels_at(base, tmp_path)
     subprocess.run(["git", "apply", str(patch)], cwd=tmp_path, check=True, capture_output=True)
     assert kernels.source_hash(folder) == patch.stem
+
+
+# --- a variant of kernels/ timed beside it -------------------------------------------------------------------
+@pytest.fixture
+def variant(tmp_path, monkeypatch):
+    """A copy of kernels/ with one change the compiler reads (never built here: no GPU), and Q4LAB_VARIANTS
+    restored after the test."""
+    folder = tmp_path / "k_variant"
+    folder.mkdir()
+    for source in kernels.sources():
+        (folder / source.name).write_text(source.read_text())
+    with (folder / "q4_launch.h").open("a") as f:
+        f.write("\nconstexpr int Q4_VARIANT_MARK = 1;\n")
+    monkeypatch.setenv("Q4LAB_VARIANTS", "")
+    return folder
+
+
+def test_bench_times_a_variant_beside_the_shipped_kernels_in_the_same_rounds(variant, tmp_path, quick_clock,
+                                                                            monkeypatch, capsys):
+    """simt stands in as the reference on a CPU; each of its calls notes which kernels folder is active."""
+    active = []
+    monkeypatch.setattr(ops, "available_impls", lambda device, impls: dict.fromkeys(impls))
+    real = ops.gemm_4bit
+
+    def gemm(A, w, bias=None, impl="reference", out=None):
+        if impl == "simt":
+            active.append(kernels.active_dir())
+        return real(A, w, bias, "reference" if impl == "simt" else impl, out)
+
+    monkeypatch.setattr(ops, "gemm_4bit", gemm)
+    out = tmp_path / "ab.parquet"
+    assert cli.main(["bench", "--shapes", "96x128", "--m", "1,3", "--dtypes", "fp32", "--impls", "simt,dense",
+                     "--kernels", str(variant), "--rounds", "2", "--out", str(out), "--no-progress"]) == 0
+    h = kernels.source_hash(variant)
+    assert h != kernels.source_hash() and f"variant {h}: {variant}" in capsys.readouterr().out
+    frame = dataset.load(out)
+    assert sorted(frame["impl"].unique()) == ["dense", "simt", f"simt@{h}"]
+    assert frame.group_by("impl").len()["len"].to_list() == [2, 2, 2]  # every impl at every M
+    assert set(frame["kernel_hash"]) == {kernels.source_hash()} and frame["run_id"].n_unique() == 1
+    assert set(active) == {kernels.KERNEL_DIR, variant.resolve()}
+    assert kernels.active_dir() == kernels.KERNEL_DIR  # the variant's calls leave kernels/ active
+    assert sweep.base_impl(f"mma@{h}") == "mma"
+
+
+@pytest.mark.parametrize("change, impls, error", [
+    ("same", "simt", "the same sources as"),
+    ("empty", "simt", "no kernel sources (*.cu) there"),
+    ("changed", "dense,reference", "--impls dense,reference names none of them"),
+])
+def test_bench_refuses_a_variant_it_cannot_time_saying_why(variant, tmp_path, capsys, change, impls, error):
+    if change == "same":  # comments aside, kernels/ itself
+        (variant / "q4_launch.h").write_text((kernels.KERNEL_DIR / "q4_launch.h").read_text() + "\n// a note\n")
+    elif change == "empty":
+        for source in variant.iterdir():
+            source.unlink()
+    out = tmp_path / "ab.parquet"
+    assert cli.main(["bench", "--shapes", "96x128", "--impls", impls, "--kernels", str(variant), "--out", str(out),
+                     "--no-progress"]) == 2
+    assert error in capsys.readouterr().err and not out.exists()
+
+
+def test_a_variant_impl_needs_its_folder_named(variant, monkeypatch):
+    with pytest.raises(sweep.SweepError, match="unknown impl 'mma@0123456789abcdef'"):
+        sweep.grid_plan("llama-3-8b.q_proj", [1], ["fp16"], ["mma@0123456789abcdef"])
+    monkeypatch.setenv("Q4LAB_VARIANTS", str(variant))
+    plan = sweep.grid_plan("llama-3-8b.q_proj", [1], ["fp16"], [f"mma@{kernels.source_hash(variant)}"])
+    assert plan.impls == (f"mma@{kernels.source_hash(variant)}",)

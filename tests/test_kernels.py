@@ -91,21 +91,21 @@ def test_a_second_build_reuses_the_cached_library(cuda_library, monkeypatch):
 def test_a_library_for_another_arch_is_refused_with_the_build_command(cuda_library, monkeypatch):
     monkeypatch.setattr(kernels, "gpu_arch", lambda device=None: "sm_75")
     monkeypatch.setenv("Q4LAB_LIB", str(cuda_library))
-    kernels.library.cache_clear()
+    kernels.library_for.cache_clear()
     with pytest.raises(kernels.KernelError, match=r"built for sm_80,sm_89,sm_90.*q4lab build --arch sm_75"):
         kernels.library()
-    kernels.library.cache_clear()
+    kernels.library_for.cache_clear()
 
 
 @pytest.mark.slow  # a kernel build
 def test_a_library_from_other_sources_is_refused(cuda_library, monkeypatch):
     monkeypatch.setattr(kernels, "gpu_arch", lambda device=None: "sm_90")
     monkeypatch.setenv("Q4LAB_LIB", str(cuda_library))
-    monkeypatch.setattr(kernels, "source_hash", lambda: "0123456789abcdef")
-    kernels.library.cache_clear()
+    monkeypatch.setattr(kernels, "source_hash", lambda kernel_dir=None: "0123456789abcdef")
+    kernels.library_for.cache_clear()
     with pytest.raises(kernels.KernelError, match="q4lab build --force"):
         kernels.library()
-    kernels.library.cache_clear()
+    kernels.library_for.cache_clear()
 
 
 def test_no_gpu_gives_a_clear_error_and_the_cpu_impls_still_work():
@@ -115,7 +115,7 @@ def test_no_gpu_gives_a_clear_error_and_the_cpu_impls_still_work():
     A = torch.randn(2, 64)
     with pytest.raises(kernels.KernelError, match="needs a GPU"):
         q4lab.gemm_4bit(A, w, impl="simt")
-    kernels.library.cache_clear()
+    kernels.library_for.cache_clear()
     with pytest.raises(kernels.KernelError, match="no GPU visible"):
         kernels.library()
     assert q4lab.gemm_4bit(A, w, impl="dense").shape == (2, 8)
