@@ -257,6 +257,9 @@ def use_variants(folders: list[Path], impls) -> list[str]:
     if not timed:
         raise SweepError(f"--kernels times the impls that run kernels/ ({', '.join(ops.KERNEL_IMPLS)}); "
                          f"--impls {impls} names none of them")
+    if torch.cuda.is_available():  # a variant that does not compile fails here, before anything is measured
+        for folder in hashes.values():
+            kernels.build(kernel_dir=folder)
     os.environ["Q4LAB_VARIANTS"] = os.pathsep.join(str(f) for f in hashes.values())
     for h, folder in hashes.items():
         print(f"variant {h}: {folder} (impls {', '.join(f'{i}@{h}' for i in timed)}; keep it for the record: "
