@@ -430,3 +430,19 @@ def needs_remeasurement(df: pl.DataFrame) -> pl.DataFrame:
     return (df.filter(~pl.col("stable"))
             .select(*CONFIG, "sweep", "impl", "shape", "N", "K", "M", "time_us", "spread", "rounds")
             .sort([*CONFIG, "sweep", "impl", "shape", "M"]))
+
+
+def variant_ratios(df: pl.DataFrame) -> pl.DataFrame:
+    """Each kernel variant's time against the shipped kernels' at the same point of the same run (`q4lab bench
+    --kernels`: impl "mma@<variant hash>" beside "mma"): `ratio` = variant_time_us / time_us, below 1 the
+    variant is faster; `stable` when both rows settled. Rows of other runs are never compared."""
+    keys = ["run_id", *CONFIG, "shape", "N", "K", "M"]
+    on_variant = (df.filter(pl.col("impl").str.contains("@"))
+                  .with_columns(pl.col("impl").str.split_exact("@", 1).struct.rename_fields(["base", "variant"]))
+                  .unnest("impl").rename({"base": "impl"}))
+    both = df.join(on_variant.select(*keys, "impl", "variant", pl.col("time_us").alias("variant_time_us"),
+                                     pl.col("stable").alias("variant_stable")), on=[*keys, "impl"])
+    return (both.select(*CONFIG, "shape", "N", "K", "M", "impl", "variant", "time_us", "variant_time_us",
+                        (pl.col("variant_time_us") / pl.col("time_us")).alias("ratio"),
+                        (pl.col("stable") & pl.col("variant_stable")).alias("stable"))
+            .sort("variant", "impl", "dtype", "N", "K", "M"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from q4lab import dataset, fleet, formats, kernels, launch, ops
+from q4lab import analysis, dataset, fleet, formats, kernels, launch, ops
 from q4lab.runlog import SweepError, compact
 from q4lab.shapes import FAMILIES, sized_shape
 from q4lab.sweep import GRID_MS, RUNNERS, SHIPPED_IMPL_MAX_M, SHIPPED_MS, TIMED_IMPLS, grid_plan, nsweep_plan
@@ -278,7 +278,14 @@ def bench_command(args: argparse.Namespace) -> int:
         impls = use_variants(args.kernels, impls)
     kwargs = dict(shapes=[sized_shape(N, K, "bench") for N, K in args.shapes], ms=args.m, dtypes=args.dtypes,
                   impls=impls, sweep="bench", **_run_options(args))
-    return measure("run_grid", kwargs, args)
+    rc = measure("run_grid", kwargs, args)
+    if args.kernels:
+        timed = {impl.partition("@")[2] for impl in impls} - {""}
+        ratios = analysis.variant_ratios(dataset.load(args.out)).filter(pl.col("variant").is_in(timed))
+        with pl.Config(tbl_rows=-1, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+            print(ratios.select("variant", "impl", "dtype", "N", "K", "M", "time_us", "variant_time_us", "ratio",
+                                "stable"))
+    return rc
 
 
 def add_configs_arguments(parser: argparse.ArgumentParser) -> None:

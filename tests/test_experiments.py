@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 import torch
 
-from q4lab import bench, cli, dataset, kernels, launch, ops, sweep, sweep_cli
+from q4lab import analysis, bench, cli, dataset, kernels, launch, ops, sweep, sweep_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -195,8 +195,15 @@ def test_bench_times_a_variant_beside_the_shipped_kernels_in_the_same_rounds(var
     assert cli.main(["bench", "--shapes", "96x128", "--m", "1,3", "--dtypes", "fp32", "--impls", "simt,dense",
                      "--kernels", str(variant), "--rounds", "2", "--out", str(out), "--no-progress"]) == 0
     h = kernels.source_hash(variant)
-    assert h != kernels.source_hash() and f"variant {h}: {variant}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert h != kernels.source_hash() and f"variant {h}: {variant.resolve()}" in printed
     frame = dataset.load(out)
+    ratios = analysis.variant_ratios(frame)
+    assert ratios.height == 2 and set(ratios["variant"]) == {h} and set(ratios["impl"]) == {"simt"}
+    simt = frame.filter(pl.col("impl") == "simt").sort("M")["time_us"]
+    on_variant = frame.filter(pl.col("impl") == f"simt@{h}").sort("M")["time_us"]
+    assert ratios.sort("M")["ratio"].to_list() == pytest.approx((on_variant / simt).to_list())
+    assert printed.splitlines()[-1].startswith("└") and "variant_time_us" in printed  # the A/B table comes last
     assert sorted(frame["impl"].unique()) == ["dense", "simt", f"simt@{h}"]
     assert frame.group_by("impl").len()["len"].to_list() == [2, 2, 2]  # every impl at every M
     assert set(frame["kernel_hash"]) == {kernels.source_hash()} and frame["run_id"].n_unique() == 1
