@@ -14,6 +14,6 @@ shift
 source scripts/device_env.sh > /tmp/build.log 2>&1 || { cat /tmp/build.log; exit 1; }
 for variant in ${variants//,/ }; do
   echo "== $variant: the GPU tests on its kernels"
-  Q4LAB_KERNELS=$PWD/$variant python -m pytest -q -x -m gpu tests/test_gpu.py tests/test_mma.py || exit 1
+  Q4LAB_KERNELS=$(realpath "$variant") python -m pytest -q -x -m gpu tests/test_gpu.py tests/test_mma.py || exit 1
 done
 python -m q4lab bench --kernels "$variants" "$@" --out "${OUT:-/tmp}/ab.parquet" --no-progress
