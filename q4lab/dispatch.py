@@ -3,9 +3,9 @@ fitted to datasets, and what the choice costs against the fastest impl of every 
 
 A rule holds, per (arch, dtype, quant_type), a small tree over the shape (N, K) whose leaves are step
 functions in M ("simt for M <= 12, dequant_blas above"). Where the data holds several devices of one arch,
-each of them gets its own trees too, fitted to its points alone (two sm_90 cards can need different impls at
-one point: `disagreements`); a device the data does not hold takes its arch's trees, fitted to every device
-of the arch. The rule kinds differ only in how much they may tell apart:
+each of them gets its own trees too, fitted to its points alone, where they differ from the arch's (two
+sm_90 cards can need different impls at one point: `disagreements`); a device the data does not hold takes
+its arch's trees, fitted to every device of the arch. The rule kinds differ only in how much they may tell apart:
 
 - `single`: one step function per arch (and measured device), over every dtype and shape (the bitsandbytes
   PR's one threshold);
@@ -243,8 +243,9 @@ def _key_columns(kind: str) -> tuple[str, ...]:
 
 def fit(df: pl.DataFrame, impls=None, kind: str = "table", datasets=()) -> Rule:
     """The `kind` rule over `impls` (default: every impl of the grid but NOT_DISPATCHED) fitted to the grid
-    rows of `df`: trees per arch over all its devices' points, and per device where an arch has several
-    (module doc); `datasets` (file names) go into its provenance with the rows' kernel hash and commit."""
+    rows of `df`: trees per arch over all its devices' points, and per device where an arch has several and
+    the device's own differ from the arch's (module doc); `datasets` (file names) go into its provenance with
+    the rows' kernel hash and commit."""
     columns = _key_columns(kind)
     times, impls = point_times(df, impls)
     regrets = _regrets(times, impls)
@@ -260,7 +261,9 @@ def fit(df: pl.DataFrame, impls=None, kind: str = "table", datasets=()) -> Rule:
                 tree = _grow(group, rows, impls, group["shape"].n_unique(), min_leaf_shapes=1, min_gain=None)[0]
             else:
                 tree = _grow(group, rows, impls, TREE_DEPTH if kind == "shape" else 0)[0]
-            trees[(*key, *[ANY] * (4 - len(by)))] = tree
+            key = (*key, *[ANY] * (4 - len(by)))
+            if trees.get((key[0], ANY, *key[2:])) != tree:  # a device's own trees only where they differ
+                trees[key] = tree
     provenance = {"datasets": [Path(d).name for d in datasets],
                   **{c: sorted(df[c].unique().to_list()) for c in ("kernel_hash", "git_commit", "device")}}
     return Rule(kind, impls, trees, provenance)
