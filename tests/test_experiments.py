@@ -235,3 +235,19 @@ def test_a_variant_impl_needs_its_folder_named(variant, monkeypatch):
     monkeypatch.setenv("Q4LAB_VARIANTS", str(variant))
     plan = sweep.grid_plan("llama-3-8b.q_proj", [1], ["fp16"], [f"mma@{kernels.source_hash(variant)}"])
     assert plan.impls == (f"mma@{kernels.source_hash(variant)}",)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow  # a kernel build
+def test_on_a_gpu_a_variant_library_is_built_checked_and_timed_beside_kernels(variant, tmp_path):
+    """The variant differs from kernels/ by a constant nothing reads: its impls pass the reference check and
+    time as the shipped ones do, on their own library."""
+    out = tmp_path / "ab.parquet"
+    impls = "simt,mma" if torch.cuda.get_device_capability() >= (8, 0) and not torch.version.hip else "simt"
+    assert cli.main(["bench", "--shapes", "4096x4096", "--m", "1,8", "--dtypes", "bf16", "--impls", impls,
+                     "--kernels", str(variant), "--out", str(out), "--no-progress"]) == 0
+    h = kernels.source_hash(variant)
+    assert kernels.library_for(variant.resolve()).q4_source_hash().decode() == h
+    ratios = analysis.variant_ratios(dataset.load(out))
+    assert sorted(set(ratios["impl"])) == sorted(impls.split(",")) and ratios.height == 2 * len(impls.split(","))
+    assert ratios["ratio"].is_between(0.8, 1.25).all(), ratios  # the same machine code, timed in the same rounds
