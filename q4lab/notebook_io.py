@@ -20,6 +20,7 @@ import difflib
 import glob
 import html
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -190,9 +191,18 @@ def select(frame: pl.DataFrame, **wanted) -> pl.DataFrame:
     return picked
 
 
+def figure_config(fig_dict: dict) -> dict:
+    """plotly.js settings every figure gets: its camera button saves an SVG (vector, for a paper; drawn by the
+    page's plotly.js, offline) named after the figure's title."""
+    title = ((fig_dict.get("layout") or {}).get("title") or {}).get("text") or "figure"
+    name = re.sub(r"[^a-z0-9]+", "-", re.sub(r"<[^>]+>", " ", title).lower()).strip("-")[:80] or "figure"
+    return {"displaylogo": False, "toImageButtonOptions": {"format": "svg", "filename": f"q4lab-{name}"}}
+
+
 class OfflineRenderer(MimetypeRenderer):
     """text/html that draws with `window.Plotly`, which `activate` embeds once (inline, no network), plus
-    plotly's JSON mime type, which JupyterLab prefers when its plotly extension is there."""
+    plotly's JSON mime type, which JupyterLab prefers when its plotly extension is there; both with
+    `figure_config`."""
 
     def activate(self):
         from IPython.display import display_html
@@ -200,9 +210,10 @@ class OfflineRenderer(MimetypeRenderer):
                      f"<script>{get_plotlyjs()}</script>", raw=True)
 
     def to_mimebundle(self, fig_dict):
-        html = pio.to_html(fig_dict, include_plotlyjs=False, include_mathjax=False, full_html=False,
+        config = figure_config(fig_dict)
+        html = pio.to_html(fig_dict, config=config, include_plotlyjs=False, include_mathjax=False, full_html=False,
                            default_width="100%", validate=False)
-        return {"text/html": html, **PlotlyRenderer().to_mimebundle(fig_dict)}
+        return {"text/html": html, **PlotlyRenderer(config=config).to_mimebundle(fig_dict)}
 
 
 def use_offline_renderer():

@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import time
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
@@ -217,6 +218,11 @@ def test_every_report_page_is_readable_on_the_shipped_data(page, tmp_path):
             if name == "crossover.html":
                 assert page.evaluate(HEATMAP_COLOUR_RANGE_JS) > 150, "the crossover heatmap is (nearly) one colour"
                 assert page.locator("a[href='crossover_per_shape.csv']").count() == 1
+                plots.first.hover()  # its camera button saves the figure as vector SVG, drawn offline
+                with page.expect_download() as saved:
+                    plots.first.locator(".modebar-btn[data-title^='Download']").first.click()
+                assert saved.value.suggested_filename.endswith(".svg")
+                assert Path(saved.value.path()).read_text().startswith("<svg")
         assert requests.off_machine() == [], "requests left the machine"
     grid = dataset.load(resolve(DEFAULT_DATA)).filter(pl.col("sweep") == "grid")
     per_shape = pl.read_csv(out_dir / "crossover_per_shape.csv")

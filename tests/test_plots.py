@@ -158,6 +158,9 @@ def test_offline_renderer_emits_html_without_network_and_plotly_json(df):
     assert set(bundle) == {"text/html", "application/vnd.plotly.v1+json"}
     assert "Plotly.newPlot" in bundle["text/html"]
     assert not re.search(r"<script[^>]+src=", bundle["text/html"])  # draws with the page's one plotly.js
+    # the camera button saves vector SVG named after the title, in JupyterLab too
+    assert '"format": "svg", "filename": "q4lab-one-shape"' in bundle["text/html"]
+    assert bundle["application/vnd.plotly.v1+json"]["config"]["toImageButtonOptions"]["format"] == "svg"
 
 
 def test_a_median_known_only_as_an_interval_is_drawn_at_its_upper_bound():
