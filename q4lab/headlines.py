@@ -151,6 +151,35 @@ def dispatch_findings(frame: pl.DataFrame, batch=(1, 8)) -> list[str]:
     return lines + dispatch_rollup(dispatch.rollup(grid, dispatch.fit(grid), models[0], batch))
 
 
+TIMERS = {  # what a row's `timer` measured, as a methods section says it
+    "cuda_events": ("device time between two GPU events around one call, the stream held by a spin kernel until "
+                    "the host had queued the call (no host time counted)"),
+    "wall_clock": "wall-clock time of one call on the CPU",
+    "synthetic": "model numbers with planted effects (q4lab.synthetic), not measurements",
+}
+
+
+def method(frame: pl.DataFrame) -> list[str]:
+    """How the rows of each device were measured, from the rows themselves: a methods section's sentences."""
+    lines = []
+    for (device,), g in frame.group_by("device", maintain_order=True):
+        first, last = g["timestamp"].min()[:10], g["timestamp"].max()[:10]
+        timers = "; ".join(TIMERS.get(t, t) for t in g["timer"].unique().sort())
+        rounds = "-".join(dict.fromkeys(str(r) for r in (g["rounds"].min(), g["rounds"].max())))
+        lines.append(
+            f"{device} ({', '.join(g['arch'].unique().sort())}; {', '.join(g['runtime'].unique().sort())}; torch "
+            f"{', '.join(g['torch_version'].unique().sort())}): {g.height} rows from {g['run_id'].n_unique()} run(s), "
+            f"{first}{'' if first == last else ' to ' + last}, kernels {', '.join(g['kernel_hash'].unique().sort())}. "
+            f"Times: {timers}; L2 flushed before every sample in {g['cold'].mean():.0%} of rows. A row's time is "
+            f"the median of its {rounds} round medians, the rounds interleaved with the other points of its shape "
+            f"({g['samples'].median():.0f} samples a row, median); {g['stable'].mean():.1%} of rows settled within "
+            f"the sweep's spread tolerance, the others are marked unstable. "
+            f"Read bandwidth {g['device_gbps'].min():.0f}-{g['device_gbps'].max():.0f} GB/s and launch latency "
+            f"{g['launch_us'].min():.2f}-{g['launch_us'].max():.2f} µs, measured the same way in each run.")
+    return lines + ["Every output was checked against a float64 reference before it was timed; outputs that "
+                    "failed have no row."]
+
+
 def by_question(frame: pl.DataFrame, summary: pl.DataFrame | None = None) -> dict[str, list[str]]:
     """Each question's headline sentences; a question the data cannot answer says why instead.
     `summary`: analysis.crossover_summary(frame) when the caller has it already."""

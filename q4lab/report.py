@@ -193,6 +193,7 @@ def write_index(out_dir: Path, results: list[NotebookResult], frame: pl.DataFram
     synthetic = frame.filter(pl.col("timer") == "synthetic")["device"].unique().sort().to_list()
     banner = (f'<p class="failed">Synthetic data ({html.escape(", ".join(synthetic))}): model numbers with planted '
               f"effects from q4lab.synthetic, not measurements.</p>" if synthetic else "")
+    method = "".join(f"<li>{html.escape(line)}</li>" for line in headlines.method(frame))
     origins = tables.static_html(describe(frame))
     files = "".join(f"<li><code>{html.escape(str(p.relative_to(REPO) if p.is_relative_to(REPO) else p))}</code></li>"
                     for p in data_files)
@@ -206,6 +207,7 @@ td,th{{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}}</style></h
 <h2>Reports</h2><ul>{links}</ul>
 {sections}
 <h2>Median crossover per device and dtype</h2>{figure}
+<h2>Method</h2><ul>{method}</ul>
 <h2>Data</h2><ul>{files}</ul>{origins}
 </body></html>"""
     index = out_dir / "index.html"

@@ -1,6 +1,7 @@
 """`q4lab report`: every notebook to offline HTML, an index with the headline findings, a failing notebook
 reported without stopping the others; and a real browser renders the plots with no network."""
 import argparse
+import html
 import os
 import re
 import shutil
@@ -11,7 +12,7 @@ import polars as pl
 import pytest
 from plotly.offline import get_plotlyjs
 
-from q4lab import analysis, cli, dataset, report
+from q4lab import analysis, cli, dataset, headlines, report
 from q4lab.synthetic import synthetic_dataset
 
 CHROMIUM = "/usr/bin/chromium"
@@ -97,6 +98,7 @@ def test_index_links_the_reports_and_states_the_headlines(built):
     assert "18 unstable row(s)" in index
     for device in frame["device"].unique():  # where the rows come from, as a table with the names unquoted
         assert f"<td>{device}</td>" in index
+    assert "<h2>Method</h2>" in index and all(html.escape(line) in index for line in headlines.method(frame))
 
 
 @pytest.mark.slow
@@ -261,3 +263,18 @@ def test_kernels_started_together_each_bind_their_own_sockets_and_leave_nothing(
         assert len({km.ip for km in managers}) == 3 and all(Path(km.ip).parent == runtime for km in managers)
         assert asyncio.run(start_execute_stop(managers)) == ["ok"] * 3
     assert not runtime.exists()
+
+
+def test_the_method_section_says_how_each_devices_rows_were_measured_from_the_rows():
+    frame = synthetic_dataset(nsweep=None)
+    measured = frame.filter(pl.col("device") == frame["device"][0]).with_columns(
+        pl.lit("cuda_events").alias("timer"), pl.when(pl.col("M") == 1).then(False).otherwise(pl.col("cold")).alias("cold"),
+        pl.lit(5).alias("rounds"))
+    line = headlines.method(measured)[0]
+    cold = measured["cold"].mean()
+    assert line.startswith(f"{measured['device'][0]} (") and f": {measured.height} rows from 1 run(s)" in line
+    assert "two GPU events" in line and f"L2 flushed before every sample in {cold:.0%} of rows" in line
+    assert "median of its 5 round medians" in line and f"{measured['stable'].mean():.1%} of rows settled" in line
+    assert f"Read bandwidth {measured['device_gbps'].min():.0f}-{measured['device_gbps'].max():.0f} GB/s" in line
+    assert "model numbers" in headlines.method(frame)[0]  # the synthetic timer says what it is
+    assert headlines.method(frame)[-1].startswith("Every output was checked against a float64 reference")
