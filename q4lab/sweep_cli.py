@@ -16,7 +16,7 @@ import torch
 
 from q4lab import analysis, dataset, fleet, formats, kernels, launch, ops
 from q4lab.runlog import SweepError, compact
-from q4lab.shapes import FAMILIES, sized_shape
+from q4lab.shapes import FAMILIES, select, sized_shape
 from q4lab.sweep import GRID_MS, RUNNERS, SHIPPED_IMPL_MAX_M, SHIPPED_MS, TIMED_IMPLS, grid_plan, nsweep_plan
 
 # `sweep grid`'s defaults (--m: None, for GRID_MS), which --preset shipped refuses to see changed
@@ -216,18 +216,28 @@ def _measure_on_ray(func: str, kwargs: dict, args: argparse.Namespace, log: Path
 # ------------------------------------------------------------------------------------------ experiments
 
 def _shape_sizes(text: str) -> list[tuple[int, int]]:
-    try:
-        sizes = [tuple(int(x) for x in t.lower().split("x")) for t in text.split(",") if t.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or any(len(size) != 2 for size in sizes):
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated NxK sizes, e.g. 28672x8192,4096x4096")
-    return sizes
+    """NxK sizes, catalogue shape names and families ('all': every shape), comma-separated, as (N, K) pairs
+    without repeats."""
+    what = (f"give comma-separated NxK sizes (28672x8192,4096x4096), shape names or families ({', '.join(FAMILIES)}, "
+            "or all): `q4lab shapes` lists them")
+    sizes = []
+    for token in (t.strip() for t in text.split(",") if t.strip()):
+        if token[0].isdigit():
+            sizes += [tuple(int(x) if x.isdigit() else -1 for x in token.lower().split("x"))]
+            continue
+        try:
+            sizes += [(s.N, s.K) for s in select(token)]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{err}; {what}") from None
+    if not sizes or any(len(size) != 2 or min(size) < 0 for size in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: {what}")
+    return list(dict.fromkeys(sizes))
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", type=_shape_sizes, default="28672x8192,128256x4096,8192x8192,4096x4096,1024x4096",
-                        help="comma-separated NxK weight sizes (default: %(default)s)")
+                        help="comma-separated NxK weight sizes, shape names or families, or 'all' the catalogue's "
+                             "sizes (default: %(default)s)")
     parser.add_argument("--m", type=_int_list, default="1,8", help="M values (default: %(default)s)")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32", help=f"of {', '.join(ops.DTYPES)} (default: %(default)s)")
     parser.add_argument("--impls", default="all", help=f"of {', '.join(ops.IMPLS)}, or 'all' (the default)")

@@ -21,6 +21,15 @@ def quick_clock(monkeypatch):
     monkeypatch.setattr(bench, "launch_us", lambda device: 5.0)
 
 
+def test_bench_sizes_may_be_catalogue_shapes_and_families():
+    from q4lab import shapes
+    sizes = sweep_cli._shape_sizes("lm_head,4096x4096,llama-3-8b.q_proj")
+    lm_heads = [(s.N, s.K) for s in shapes.by_family("lm_head")]
+    assert sizes[:len(lm_heads)] == list(dict.fromkeys(lm_heads)) and (4096, 4096) in sizes
+    assert len(sizes) == len(set(sizes))  # llama-3-8b.q_proj is 4096x4096: once
+    assert set(sweep_cli._shape_sizes("all")) == {(s.N, s.K) for s in shapes.SHAPES}
+
+
 def test_bench_times_every_impl_on_the_sizes_given(tmp_path, quick_clock):
     out = tmp_path / "bench.parquet"
     assert cli.main(["bench", "--shapes", "96x128,64x256", "--m", "1,3", "--dtypes", "fp32", "--impls",
@@ -33,6 +42,8 @@ def test_bench_times_every_impl_on_the_sizes_given(tmp_path, quick_clock):
 
 @pytest.mark.parametrize("sizes, error", [("96x128x2", "give comma-separated NxK sizes"),
                                           ("96", "give comma-separated NxK sizes"),
+                                          ("96xa", "give comma-separated NxK sizes"),
+                                          ("llama-3-8b.q_prj", "close matches: ['llama-3-8b.q_proj'"),
                                           ("0x128", "N and K must be positive")])
 def test_bench_refuses_sizes_that_are_not_a_positive_n_by_k(tmp_path, capsys, sizes, error):
     out = tmp_path / "bench.parquet"
