@@ -391,6 +391,21 @@ def disagreements(df: pl.DataFrame, impls=None, tolerance: float = 1.10) -> pl.D
     return out.with_columns((pl.col("floor") > tolerance).alias("beyond")).sort("floor", descending=True)
 
 
+def card_trees(df: pl.DataFrame, kind: str = "table", impls=None) -> pl.DataFrame:
+    """What a card's own trees buy: the `kind` rule fitted to `df` scored on it per device (in sample), with
+    each card's trees (`own_*`) and with its arch's alone (`arch_*`, what a card the data lacks gets), as the
+    median and worst regret over the points scored with both."""
+    rule = fit(df, impls, kind)
+    arch_only = Rule(rule.kind, rule.impls, {k: t for k, t in rule.trees.items() if k[1] == ANY}, rule.provenance)
+    own, arch = regret(rule, df), regret(arch_only, df)
+    both = own.select("device", pl.col("regret").alias("own"), arch["regret"].alias("arch")).drop_nulls()
+    return (both.group_by("device", maintain_order=True)
+            .agg(pl.len().alias("n_points"), pl.col("own").median().alias("own_median"),
+                 pl.col("own").max().alias("own_worst"), pl.col("arch").median().alias("arch_median"),
+                 pl.col("arch").max().alias("arch_worst"))
+            .sort("device"))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A whole model: one decode step at batch size M
 ROLLUP_SCHEMA = {"device": pl.Utf8, "dtype": pl.Utf8, "quant_type": pl.Utf8, "model": pl.Utf8, "M": pl.Int64,

@@ -104,6 +104,14 @@ def dispatch_disagreements(found: pl.DataFrame, tolerance: float = 1.10) -> list
             f"has its own)."]
 
 
+def card_trees(gain: pl.DataFrame) -> list[str]:
+    """`dispatch.card_trees(...)` as one sentence per device: its worst regret with its own trees and with its
+    arch's alone."""
+    return [f"{row['device']}: worst regret {row['own_worst']:.3f}x with its own dispatch trees, "
+            f"{row['arch_worst']:.3f}x with its arch's alone (median {row['own_median']:.3f} / "
+            f"{row['arch_median']:.3f}, {row['n_points']} points, in sample)" for row in gain.iter_rows(named=True)]
+
+
 def m_inversions(found: pl.DataFrame, tolerance: float = 1.05) -> list[str]:
     """`analysis.m_inversions(...)` of several impls as one sentence per impl: how many points run slower
     than at a larger M, the commonest (M, faster M) pair and the largest ratio."""

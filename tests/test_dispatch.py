@@ -398,6 +398,9 @@ def test_each_measured_device_of_an_arch_gets_its_own_trees(h100, tmp_path):
         assert picks == {"NVIDIA H100 80GB HBM3 (synthetic)": "simt", "NVIDIA H200 (synthetic)": "dequant_blas"}
         other = rule.choose(row["N"], row["K"], 32, row["dtype"], "sm_90", "nf4", "NVIDIA H100 PCIe")
         assert other == rule.choose(row["N"], row["K"], 32, row["dtype"], "sm_90")
+    gains = dispatch.card_trees(frame.filter(pl.col("impl").is_in(impls)), impls=impls)
+    assert gains["own_worst"].to_list() == [1.0, 1.0]  # the arch's trees alone: no better than the floor somewhere
+    assert gains["arch_worst"].max() >= found["floor"].max() > 1.10
     arch_only = json.loads(rule.to_json())
     arch_only["rules"] = [{k: v for k, v in r.items() if k != "device"} for r in arch_only["rules"] if r["device"] == "*"]
     (tmp_path / "old.json").write_text(json.dumps(arch_only))

@@ -129,6 +129,8 @@ def test_devices_compares_the_two_cards_shape_by_shape(runs, synthetic):
     assert (runs["_out"] / "devices" / "crossover_shift.csv").is_file()
     disagree = pl.read_parquet(runs["_out"] / "devices" / "device_disagreements.parquet")  # one card an arch: none
     assert disagree.is_empty() and disagree.columns == dispatch.disagreements(frame).columns
+    gain = pl.DataFrame(kept["card_trees"])  # one card an arch: its own trees are its arch's
+    assert sorted(gain["device"]) == sorted(frame["device"].unique()) and gain["own_worst"].to_list() == gain["arch_worst"].to_list()
 
 
 @pytest.mark.slow  # the module's notebook runs
