@@ -271,8 +271,12 @@ def library_for(kernel_dir: Path) -> ctypes.CDLL:
 def variants() -> dict[str, Path]:
     """The variant folders `Q4LAB_VARIANTS` names, by their source hash (what a variant impl's name carries:
     "mma@<hash>")."""
-    folders = [Path(f) for f in os.environ.get("Q4LAB_VARIANTS", "").split(os.pathsep) if f]
-    return {source_hash(folder): folder for folder in folders}
+    return _variants_named(os.environ.get("Q4LAB_VARIANTS", ""))
+
+
+@lru_cache(maxsize=None)  # asked a point at a time: hash each folder once, as library_for builds it once
+def _variants_named(folders: str) -> dict[str, Path]:
+    return {source_hash(Path(f)): Path(f) for f in folders.split(os.pathsep) if f}
 
 
 @contextmanager

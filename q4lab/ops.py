@@ -26,6 +26,7 @@ import functools
 import os
 import platform
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -310,11 +311,11 @@ def _mma_launch(w: Q4Weight, M: int, dtype: torch.dtype, blocks: int) -> tuple[i
 
 
 @functools.lru_cache(maxsize=4096)  # the plan asks the runtime for the residency: microseconds a launch
-def _mma_plan(device: int, kernel_dir, dtype: int, nested: int, N: int, M: int, K: int,
+def _mma_plan(device: int, kernel_dir: Path, dtype: int, nested: int, N: int, M: int, K: int,
               blocks: int) -> tuple[int, int, int, int]:
     """(blocks, batch rows an item, workspace floats, tickets) of the launch by the library of `kernel_dir`
     (the active one: a variant may plan otherwise)."""
-    lib = kernels.library()
+    lib = kernels.library_for(kernel_dir)
     got_blocks, m_tile = ctypes.c_int(blocks), ctypes.c_int(0)
     kernels.check(lib.q4_mma_plan(dtype, nested, N, M, K, ctypes.byref(got_blocks), ctypes.byref(m_tile)))
     floats, tickets = ctypes.c_long(0), ctypes.c_int(0)
